@@ -1,0 +1,212 @@
+"""Input data: GSM8K-style JSONL rows (or rows with a ``text`` field) to token ids.
+
+Both stages must see identical token ids, so the text template, the annotation stripping
+and the end-of-sequence rule are fixed here and recorded in the store's manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from extract.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+GSM8K_TEMPLATE = "Question: {question}\nAnswer: {answer}"
+GSM8K_PROMPT = "Question: {question}\nAnswer:"
+_ANNOTATION = re.compile(r"<<[^<>]*>>")
+BAD_ROW_POLICIES = ("error", "skip")
+LONG_SAMPLE_POLICIES = ("truncate", "skip", "error")
+# Characters kept per allowed token before tokenising: a bound on the work a single
+# huge line can cause. Byte-level BPE tokens are far shorter than this on real text.
+_CHARS_PER_TOKEN_BOUND = 64
+
+
+def strip_annotations(text: str) -> str:
+    """Remove GSM8K calculator annotations such as ``<<48/2=24>>``."""
+    return _ANNOTATION.sub("", text)
+
+
+@dataclass(frozen=True)
+class InputRow:
+    """One usable input row: where it came from, its split and its text."""
+
+    source: int
+    row: int
+    split: str
+    text: str
+
+
+@dataclass
+class ReadStats:
+    """Counts of what reading the inputs kept and skipped."""
+
+    rows: int = 0
+    blank: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+
+def format_row(obj: Any, *, strip: bool) -> str:
+    """Render one decoded JSON row as training text, or raise ``ValueError`` with the reason."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    if "question" in obj or "answer" in obj:
+        question, answer = obj.get("question"), obj.get("answer")
+        if not isinstance(question, str) or not isinstance(answer, str):
+            raise ValueError("fields 'question' and 'answer' must both be strings")
+        if not question.strip():
+            raise ValueError("field 'question' is empty")
+        if not answer.strip():
+            raise ValueError("field 'answer' is empty")
+        if strip:
+            answer = strip_annotations(answer)
+        return GSM8K_TEMPLATE.format(question=question.strip(), answer=answer.strip())
+    if "text" in obj:
+        text = obj["text"]
+        if not isinstance(text, str):
+            raise ValueError("field 'text' must be a string")
+        if not text.strip():
+            raise ValueError("field 'text' is empty")
+        return text
+    raise ValueError(f"no 'question'/'answer' or 'text' field (keys: {sorted(obj)[:5]})")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_jsonl(
+    path: Path,
+    *,
+    source: int,
+    split: str,
+    strip: bool,
+    on_bad_row: str,
+    max_chars: int,
+    stats: ReadStats,
+    limit: int | None = None,
+) -> list[InputRow]:
+    """Read one JSONL file; rows are numbered from 0 among non-blank lines, as GSM8K tools do."""
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    rows: list[InputRow] = []
+    row = 0
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            if limit is not None and len(rows) >= limit:
+                break
+            if not raw.strip():
+                stats.blank += 1
+                continue
+            try:
+                text = format_row(json.loads(raw.decode("utf-8")), strip=strip)
+            except UnicodeDecodeError as exc:
+                reason, detail = "not UTF-8", f"bytes are not valid UTF-8 at offset {exc.start}"
+            except json.JSONDecodeError as exc:
+                reason, detail = "invalid JSON", f"invalid JSON ({exc.msg} at column {exc.colno})"
+            except (ValueError, RecursionError) as exc:
+                reason, detail = "invalid row", str(exc)
+            else:
+                if len(text) > max_chars:
+                    text = text[:max_chars]
+                rows.append(InputRow(source, row, split, text))
+                row += 1
+                continue
+            if on_bad_row == "error":
+                raise DataError(f"{path} line {line_number}: {detail}; fix the row or pass --skip-bad-rows")
+            logger.warning("skipping %s line %d: %s", path, line_number, detail)
+            stats.skip(reason)
+            row += 1
+    stats.rows += len(rows)
+    return rows
+
+
+def assign_heldout(rows: list[InputRow], fraction: float, seed: int) -> list[InputRow]:
+    """Mark round(fraction * n) rows (at least one when fraction > 0 and n > 1) as held out, by a seeded draw."""
+    if not 0.0 <= fraction < 1.0:
+        raise DataError(f"--heldout-fraction {fraction} must be in [0, 1)")
+    count = round(fraction * len(rows))
+    if fraction > 0 and len(rows) > 1:
+        count = max(count, 1)
+    chosen = set(random.Random(seed).sample(range(len(rows)), count)) if count else set()
+    return [
+        InputRow(r.source, r.row, "heldout", r.text) if i in chosen else r for i, r in enumerate(rows)
+    ]
+
+
+@dataclass(frozen=True)
+class TokenizedSample:
+    """A row's token ids, truncated to the maximum length, ready to run through the teacher."""
+
+    source: int
+    row: int
+    split: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass
+class TokenizeStats:
+    truncated: int = 0
+    skipped_long: int = 0
+
+
+def tokenize_rows(
+    rows: Sequence[InputRow],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    on_long: str,
+    append_eos: bool,
+    stats: TokenizeStats,
+    batch_size: int = 1024,
+) -> list[TokenizedSample]:
+    """Tokenise rows with the teacher's tokenizer: the template text, then EOS when requested."""
+    eos = tokenizer.eos_token_id if append_eos else None
+    if append_eos and eos is None:
+        raise DataError("the tokenizer has no eos_token_id; pass --no-append-eos")
+    samples = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        encoded = tokenizer([r.text for r in chunk], add_special_tokens=True)["input_ids"]
+        for row, ids in zip(chunk, encoded):
+            ids = list(ids) + ([eos] if eos is not None else [])
+            if len(ids) > max_length:
+                if on_long == "error":
+                    raise DataError(
+                        f"source {row.source} row {row.row}: {len(ids)} tokens exceed --max-length {max_length}; "
+                        "raise --max-length or pass --on-long truncate/skip"
+                    )
+                if on_long == "skip":
+                    stats.skipped_long += 1
+                    continue
+                stats.truncated += 1
+                ids = ids[:max_length]
+            if not ids:
+                continue
+            samples.append(TokenizedSample(row.source, row.row, row.split, tuple(ids)))
+    return samples
+
+
+def dataset_fingerprint(sources: list[dict[str, Any]], options: dict[str, Any]) -> str:
+    """Hash the input files' contents and every option that changes which tokens are produced."""
+    payload = json.dumps({"sources": [s["sha256"] for s in sources], "options": options}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def max_chars_for(max_length: int) -> int:
+    return max_length * _CHARS_PER_TOKEN_BOUND

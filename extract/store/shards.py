@@ -1,0 +1,426 @@
+"""Shard files: the two storage backends, each with its writer and reader side by side.
+
+Every shard holds the same six arrays, whatever the backend:
+
+==================  ==============================================  ========
+name                shape                                           dtype
+==================  ==============================================  ========
+kv                  [tokens, layers, 2, kv_heads, head_dim]          store dtype
+token_ids           [tokens]                                        int32
+sample_offsets      [samples + 1]                                   int64
+sample_rows         [samples]                                       int64
+sample_sources      [samples]                                       uint8
+sample_splits       [samples]                                       uint8
+==================  ==============================================  ========
+
+``kv[..., 0, :, :]`` is the key and ``kv[..., 1, :, :]`` the value of each layer.
+Token-major order makes one sample's rows one contiguous byte range.
+
+safetensors: one file, written by ``safetensors.torch.save_file``; read here with
+``pread`` through the file's own header, which is validated strictly first (offsets,
+sizes, dtypes, shapes against the manifest) so a damaged header cannot make the
+reader allocate or read what the file does not contain.
+
+zarr: one Zarr v3 group directory with one array per name, ``kv`` chunked along tokens
+inside Zarr's sharding codec. zarr-python has no bfloat16, so bf16 data is stored as
+uint16 bits with the attribute ``logical_dtype: bfloat16`` and viewed back on read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from extract.errors import StoreError, UserError
+
+if TYPE_CHECKING:
+    from extract.store.manifest import KVLayout, ShardRecord
+
+STORE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+BACKENDS: dict[str, str] = {"safetensors": ".safetensors", "zarr": ".zarr"}
+INDEX_ARRAYS: dict[str, torch.dtype] = {
+    "token_ids": torch.int32,
+    "sample_offsets": torch.int64,
+    "sample_rows": torch.int64,
+    "sample_sources": torch.uint8,
+    "sample_splits": torch.uint8,
+}
+ZARR_CHUNK_TOKENS = 128
+_HASH_BLOCK = 8 * 1024 * 1024
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "U8": torch.uint8,
+}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return STORE_DTYPES[name]
+    except KeyError:
+        raise UserError(f"unsupported store dtype {name!r}; choose one of {', '.join(STORE_DTYPES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, value in STORE_DTYPES.items():
+        if value == dtype:
+            return name
+    raise UserError(f"unsupported store dtype {dtype}; choose one of {', '.join(STORE_DTYPES)}")
+
+
+@dataclass
+class ShardContents:
+    """The arrays of one shard, in memory, before writing."""
+
+    kv: torch.Tensor
+    token_ids: torch.Tensor
+    sample_offsets: torch.Tensor
+    sample_rows: torch.Tensor
+    sample_sources: torch.Tensor
+    sample_splits: torch.Tensor
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        arrays = {"kv": self.kv.contiguous()}
+        for name, dtype in INDEX_ARRAYS.items():
+            arrays[name] = getattr(self, name).to(dtype).contiguous()
+        return arrays
+
+
+class ShardReader(Protocol):
+    def index(self) -> dict[str, torch.Tensor]: ...
+
+    def read_kv(self, start: int, stop: int) -> torch.Tensor: ...
+
+    def read_token_ids(self, start: int, stop: int) -> torch.Tensor: ...
+
+    def close(self) -> None: ...
+
+
+# ----------------------------------------------------------------------------- durable files
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def temporary_path(final: Path) -> Path:
+    return final.with_name(final.name + ".tmp")
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+# ----------------------------------------------------------------------------- checksums
+
+
+def hash_shard(path: Path) -> tuple[int, str]:
+    """Return (bytes, sha256) of a shard file or shard directory.
+
+    For a directory the digest covers, in sorted order of relative POSIX path, each file's
+    path, a newline, its size in decimal, a newline and its contents.
+    """
+    digest = hashlib.sha256()
+    total = 0
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        for file in files:
+            relative = file.relative_to(path).as_posix()
+            size = file.stat().st_size
+            digest.update(f"{relative}\n{size}\n".encode())
+            total += _hash_file_into(file, digest)
+    else:
+        total = _hash_file_into(path, digest)
+    return total, digest.hexdigest()
+
+
+def _hash_file_into(path: Path, digest: Any) -> int:
+    size = 0
+    with open(path, "rb") as handle:
+        while block := handle.read(_HASH_BLOCK):
+            digest.update(block)
+            size += len(block)
+    return size
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_shard(backend: str, final: Path, contents: ShardContents, *, zarr_chunk_tokens: int = ZARR_CHUNK_TOKENS) -> tuple[int, str]:
+    """Write a shard under a temporary name, fsync it, rename it into place; return (bytes, sha256)."""
+    tmp = temporary_path(final)
+    remove_path(tmp)
+    if backend == "safetensors":
+        _write_safetensors(tmp, contents)
+    elif backend == "zarr":
+        _write_zarr(tmp, contents, zarr_chunk_tokens)
+    else:
+        raise UserError(f"unknown store backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    size, sha256 = hash_shard(tmp)
+    remove_path(final)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    return size, sha256
+
+
+def _write_safetensors(path: Path, contents: ShardContents) -> None:
+    from safetensors.torch import save_file
+
+    save_file(contents.arrays(), str(path), metadata={"format": "mercator-kv-shard", "format_version": "1"})
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _zarr() -> Any:
+    try:
+        import zarr
+    except ImportError:
+        raise UserError("the zarr backend needs zarr>=3: pip install 'zarr>=3,<4'") from None
+    return zarr
+
+
+def _write_zarr(path: Path, contents: ShardContents, chunk_tokens: int) -> None:
+    zarr = _zarr()
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    group.attrs.update({"format": "mercator-kv-shard", "format_version": 1})
+    config = {"write_empty_chunks": True}
+    for name, tensor in contents.arrays().items():
+        logical = dtype_name(tensor.dtype) if tensor.is_floating_point() else str(tensor.dtype).removeprefix("torch.")
+        array = tensor.view(torch.uint16) if tensor.dtype == torch.bfloat16 else tensor
+        data = array.numpy()
+        tokens = max(1, data.shape[0])
+        if name == "kv":
+            chunks = (min(chunk_tokens, tokens),) + data.shape[1:]
+            shards = (-(-tokens // chunks[0]) * chunks[0],) + data.shape[1:]
+        else:
+            chunks, shards = (tokens,), None
+        zarray = group.create_array(
+            name,
+            shape=data.shape,
+            dtype=data.dtype,
+            chunks=chunks,
+            shards=shards,
+            compressors=None,
+            attributes={"logical_dtype": logical},
+            config=config,
+        )
+        if data.size:
+            zarray[...] = data
+    for file in sorted(path.rglob("*")):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    for directory in sorted((p for p in path.rglob("*") if p.is_dir()), reverse=True):
+        fsync_dir(directory)
+    fsync_dir(path)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def open_shard(backend: str, path: Path, layout: "KVLayout", record: "ShardRecord") -> ShardReader:
+    """Open one shard listed in the manifest, checking its arrays against the manifest."""
+    if path.is_symlink():
+        raise StoreError(f"shard {record.path}: is a symbolic link; shards must be regular files inside the store")
+    if backend == "safetensors":
+        if not path.is_file():
+            raise StoreError(f"shard {record.path}: file is missing")
+        return SafetensorsShard(path, layout, record)
+    if not path.is_dir():
+        raise StoreError(f"shard {record.path}: directory is missing")
+    return ZarrShard(path, layout, record)
+
+
+def expected_shapes(layout: "KVLayout", record: "ShardRecord") -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    shapes = {"kv": ((record.tokens, *layout.token_shape), torch_dtype(layout.dtype))}
+    lengths = {"token_ids": record.tokens, "sample_offsets": record.samples + 1}
+    for name, dtype in INDEX_ARRAYS.items():
+        shapes[name] = ((lengths.get(name, record.samples),), dtype)
+    return shapes
+
+
+class SafetensorsShard:
+    """A safetensors shard read with ``pread`` through its validated header."""
+
+    def __init__(self, path: Path, layout: "KVLayout", record: "ShardRecord") -> None:
+        self.path = path
+        self.record = record
+        self._fd = os.open(path, os.O_RDONLY)
+        try:
+            self._entries = self._read_header(expected_shapes(layout, record))
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _fail(self, reason: str) -> StoreError:
+        return StoreError(f"shard {self.record.path}: {reason}")
+
+    def _read_header(self, expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, tuple[int, int, tuple[int, ...], torch.dtype]]:
+        file_size = os.fstat(self._fd).st_size
+        prefix = os.pread(self._fd, 8, 0)
+        if len(prefix) < 8:
+            raise self._fail(f"truncated: {file_size} bytes is too short for a safetensors header")
+        (header_size,) = struct.unpack("<Q", prefix)
+        if header_size > min(_MAX_HEADER_BYTES, file_size - 8):
+            raise self._fail(f"header claims {header_size} bytes but the file has {file_size}; the shard is damaged")
+        try:
+            header = json.loads(os.pread(self._fd, header_size, 8).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise self._fail("header is not valid JSON; the shard is damaged") from None
+        if not isinstance(header, dict):
+            raise self._fail("header is not a JSON object; the shard is damaged")
+        header.pop("__metadata__", None)
+        data_start = 8 + header_size
+        data_size = file_size - data_start
+        if set(header) != set(expected):
+            raise self._fail(f"holds arrays {sorted(header)}, expected {sorted(expected)}")
+        entries = {}
+        for name, (shape, dtype) in expected.items():
+            entry = header[name]
+            if not isinstance(entry, dict):
+                raise self._fail(f"header entry {name!r} is not an object")
+            stored_dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
+            if stored_dtype != dtype:
+                raise self._fail(f"array {name!r} has dtype {entry.get('dtype')!r}, the manifest implies {dtype}")
+            if entry.get("shape") != list(shape):
+                raise self._fail(f"array {name!r} has shape {entry.get('shape')}, the manifest implies {list(shape)}")
+            offsets = entry.get("data_offsets")
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+                raise self._fail(f"array {name!r} has invalid data_offsets {offsets!r}")
+            begin, end = offsets
+            nbytes = torch.empty((), dtype=dtype).element_size()
+            for dim in shape:
+                nbytes *= dim
+            if not 0 <= begin <= end <= data_size or end - begin != nbytes:
+                raise self._fail(
+                    f"array {name!r} claims bytes {begin}..{end} but needs {nbytes} within {data_size}; the shard is truncated or damaged"
+                )
+            entries[name] = (data_start + begin, end - begin, shape, dtype)
+        spans = sorted((start, start + size) for start, size, _, _ in entries.values())
+        if any(a_end > b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])):
+            raise self._fail("arrays overlap in the data section; the shard is damaged")
+        return entries
+
+    def _pread(self, offset: int, size: int) -> bytearray:
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        done = 0
+        while done < size:
+            count = os.preadv(self._fd, [view[done:]], offset + done)
+            if count == 0:
+                raise self._fail(f"file ended at byte {offset + done}; the shard is truncated")
+            done += count
+        return buffer
+
+    def _read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        offset, size, shape, dtype = self._entries[name]
+        if not 0 <= start <= stop <= shape[0]:
+            raise self._fail(f"rows {start}..{stop} of {name!r} are outside 0..{shape[0]}")
+        row_bytes = size // shape[0] if shape[0] else 0
+        buffer = self._pread(offset + start * row_bytes, (stop - start) * row_bytes)
+        if not buffer:
+            return torch.empty((0, *shape[1:]), dtype=dtype)
+        return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(stop - start, *shape[1:])
+
+    def index(self) -> dict[str, torch.Tensor]:
+        return {name: self._read_rows(name, 0, self._entries[name][2][0]) for name in INDEX_ARRAYS if name != "token_ids"}
+
+    def read_kv(self, start: int, stop: int) -> torch.Tensor:
+        return self._read_rows("kv", start, stop)
+
+    def read_token_ids(self, start: int, stop: int) -> torch.Tensor:
+        return self._read_rows("token_ids", start, stop)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class ZarrShard:
+    """A Zarr v3 group shard read through zarr-python."""
+
+    def __init__(self, path: Path, layout: "KVLayout", record: "ShardRecord") -> None:
+        zarr = _zarr()
+        self.record = record
+        try:
+            group = zarr.open_group(str(path), mode="r", zarr_format=3)
+            self._arrays = {name: group[name] for name in ("kv", *INDEX_ARRAYS)}
+            extra = sorted(set(group.array_keys()) - set(self._arrays))
+        except (KeyError, FileNotFoundError, ValueError, TypeError, json.JSONDecodeError) as exc:
+            raise StoreError(f"shard {record.path}: not a readable Zarr group ({type(exc).__name__}: {exc})") from None
+        if extra:
+            raise StoreError(f"shard {record.path}: holds unexpected arrays {extra}")
+        self._dtypes: dict[str, torch.dtype] = {}
+        for name, (shape, dtype) in expected_shapes(layout, record).items():
+            array = self._arrays[name]
+            logical = array.attrs.get("logical_dtype")
+            stored = "uint16" if dtype == torch.bfloat16 else str(dtype).removeprefix("torch.")
+            if tuple(array.shape) != shape:
+                raise StoreError(f"shard {record.path}: array {name!r} has shape {list(array.shape)}, the manifest implies {list(shape)}")
+            if str(array.dtype) != stored or logical != str(dtype).removeprefix("torch."):
+                raise StoreError(
+                    f"shard {record.path}: array {name!r} has dtype {array.dtype} ({logical}), the manifest implies {dtype}"
+                )
+            self._dtypes[name] = dtype
+
+    def _read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        try:
+            data = self._arrays[name][start:stop]
+        except Exception as exc:  # zarr raises many types for damaged chunks and shard indexes
+            raise StoreError(f"shard {self.record.path}: cannot read {name!r} rows {start}..{stop} ({type(exc).__name__}: {exc})") from None
+        tensor = torch.from_numpy(data.copy())
+        return tensor.view(torch.bfloat16) if self._dtypes[name] == torch.bfloat16 else tensor
+
+    def index(self) -> dict[str, torch.Tensor]:
+        return {name: self._read(name, 0, self._arrays[name].shape[0]) for name in INDEX_ARRAYS if name != "token_ids"}
+
+    def read_kv(self, start: int, stop: int) -> torch.Tensor:
+        return self._read("kv", start, stop)
+
+    def read_token_ids(self, start: int, stop: int) -> torch.Tensor:
+        return self._read("token_ids", start, stop)
+
+    def close(self) -> None:
+        self._arrays = {}
