@@ -1,0 +1,67 @@
+# Two commands on a fresh machine: `make demo` (extract + distill on the embedded
+# default) and `make test`. The first target run creates .venv and installs into it.
+#
+# Real models:  make extract TEACHER=Qwen/Qwen2.5-14B DATA=train.jsonl DEVICE=cuda STORE=stores/qwen14b
+#               make distill STUDENT=Qwen/Qwen2.5-1.5B STORE=stores/qwen14b DEVICE=cuda RUN=runs/qwen
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+TEACHER ?= embedded-teacher
+STUDENT ?= embedded-student
+DEVICE ?= auto
+FORMAT ?= safetensors
+DTYPE ?= auto
+STORE ?= stores/embedded
+RUN ?= runs/embedded
+EXTRACT_ARGS ?=
+DISTILL_ARGS ?=
+
+# The embedded problems come with their own held-out file and a shard size that
+# shows sharding on a small store; a DATA= of your own uses --heldout-fraction.
+ifeq ($(origin DATA), undefined)
+DATA := data/gsm8k-mini/train.jsonl
+HELDOUT ?= data/gsm8k-mini/heldout.jsonl
+SHARD_MB ?= 64
+endif
+SHARD_MB ?= 1024
+ifeq ($(origin STUDENT), file)
+CONFIG ?= distill/configs/embedded.yaml
+endif
+CONFIG ?= distill/configs/default.yaml
+
+.PHONY: install extract distill demo test bench clean help
+
+help:
+	@echo "make demo      extract + distill on the embedded default (CPU, a few minutes)"
+	@echo "make extract   run the teacher once, write the KV store to STORE=$(STORE)"
+	@echo "make distill   train the student from STORE into RUN=$(RUN)"
+	@echo "make test      run the test suite"
+	@echo "make clean     remove stores, runs and build outputs (keeps .venv)"
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+extract: $(STAMP)
+	$(PY) -m extract --teacher $(TEACHER) --data $(DATA) $(if $(HELDOUT),--heldout $(HELDOUT)) \
+		--out $(STORE) --device $(DEVICE) --format $(FORMAT) --dtype $(DTYPE) --shard-mb $(SHARD_MB) $(EXTRACT_ARGS)
+
+distill: $(STAMP)
+	$(PY) -m distill --config $(CONFIG) --store $(STORE) --student $(STUDENT) --out $(RUN) \
+		--device $(DEVICE) --overwrite $(DISTILL_ARGS)
+
+demo: extract distill
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf stores runs build .pytest_cache
