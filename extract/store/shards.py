@@ -287,7 +287,8 @@ class SafetensorsShard:
         try:
             self._entries = self._read_header(expected_shapes(layout, record))
         except BaseException:
-            os.close(self._fd)
+            # close() also marks the descriptor closed, so __del__ cannot close a reused number.
+            self.close()
             raise
 
     def _fail(self, reason: str) -> StoreError:
