@@ -14,7 +14,7 @@ from extract.cli_support import DefaultGroup, configure_logging, run_command
 from extract.data import BAD_ROW_POLICIES, LONG_SAMPLE_POLICIES
 from extract.embedded import EMBEDDED_TEACHER, repo_data_dir
 from extract.models import ATTN_IMPLEMENTATIONS, COMPUTE_DTYPES
-from extract.store import BACKENDS, STORE_DTYPES, open_store, read_manifest
+from extract.store import BACKENDS, STORE_DTYPES, KVLayout, open_store, read_manifest
 from extract.store.verify import verify_store
 
 _EMBEDDED_DATA = "data/gsm8k-mini/train.jsonl"
@@ -58,6 +58,16 @@ def main() -> None:
 @click.option("--trust-remote-code", is_flag=True, help="Allow a checkpoint's own modelling code to run.")
 @click.option("--skip-bad-rows", is_flag=True, help="Skip and count unreadable input rows instead of stopping at the first.")
 @click.option("--force", is_flag=True, help="Write even when the planned size exceeds the free disk space.")
+@click.option(
+    "--topk-logprobs",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Also store, per token, the teacher's K most likely next tokens: int32 ids and float32 log-probabilities "
+    "(log_softmax of the float32 logits). Costs 8*K bytes per token on disk (K=20: 160 bytes) and, while "
+    "extracting, about 0.5 GiB more memory on the teacher's device, because the LM head runs on chunks of real "
+    "tokens whose float32 logits take 256 MiB. 0 stores none.",
+)
 @click.option("--zarr-chunk-tokens", type=click.IntRange(1), default=128, show_default=True, help="Tokens per Zarr chunk (zarr format only).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("-v", "--verbose", count=True, help="More log output.")
@@ -116,7 +126,8 @@ def info(store: Path, as_json: bool) -> None:
             f"{teacher.get('num_key_value_heads')} KV heads x {teacher.get('head_dim')}, {teacher.get('identity', {}).get('kind')} "
             f"{str(teacher.get('identity', {}).get('value'))[:16]}]",
             f"kv           layers {_layer_summary(layout.layers)}, {layout.dtype}, keys {layout.key_position}, "
-            f"{layout.bytes_per_token} bytes per token",
+            f"{layout.kv_bytes_per_token} bytes per token",
+            f"extras       {_extras_summary(layout)}",
             f"tokenizer    {manifest.tokenizer.get('fingerprint', '')[:23]} ({manifest.tokenizer.get('size')} tokens)",
             f"data         {', '.join(s['path'] for s in manifest.dataset.get('sources', []))}; max_length "
             f"{manifest.dataset.get('max_length')}, {manifest.dataset.get('samples_truncated')} truncated",
@@ -128,6 +139,12 @@ def info(store: Path, as_json: bool) -> None:
         click.echo("\n".join(lines))
 
     run_command(body)
+
+
+def _extras_summary(layout: KVLayout) -> str:
+    topk = f"teacher top-{layout.topk} log-probabilities, {layout.topk_bytes_per_token} bytes per token" if layout.topk else "no teacher top-k"
+    answers = "answer starts" if layout.answer_starts else "no answer starts (every token counts as an answer token)"
+    return f"{topk}; {answers}; {layout.bytes_per_token} bytes per token in all"
 
 
 def _layer_summary(layers: tuple[int, ...]) -> str:

@@ -12,7 +12,7 @@ import logging
 import random
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +37,18 @@ def strip_annotations(text: str) -> str:
 
 @dataclass(frozen=True)
 class InputRow:
-    """One usable input row: where it came from, its split and its text."""
+    """One usable input row: where it came from, its split and its text.
+
+    ``answer_char`` is the index in ``text`` of the answer's first character: the
+    length of the rendered ``Question: ...\nAnswer: `` prefix for a GSM8K row, and 0 for
+    a ``text`` row, whose every token is a target.
+    """
 
     source: int
     row: int
     split: str
     text: str
+    answer_char: int = 0
 
 
 @dataclass
@@ -59,6 +65,14 @@ class ReadStats:
 
 def format_row(obj: Any, *, strip: bool) -> str:
     """Render one decoded JSON row as training text, or raise ``ValueError`` with the reason."""
+    return render_row(obj, strip=strip)[0]
+
+
+def render_row(obj: Any, *, strip: bool) -> tuple[str, int]:
+    """Render one decoded JSON row as (training text, index of the answer's first character).
+
+    Raise ``ValueError`` with the reason when the row is unusable.
+    """
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     if "question" in obj or "answer" in obj:
@@ -71,14 +85,16 @@ def format_row(obj: Any, *, strip: bool) -> str:
             raise ValueError("field 'answer' is empty")
         if strip:
             answer = strip_annotations(answer)
-        return GSM8K_TEMPLATE.format(question=question.strip(), answer=answer.strip())
+        text = GSM8K_TEMPLATE.format(question=question.strip(), answer=answer.strip())
+        prefix = GSM8K_TEMPLATE.split("{answer}")[0].format(question=question.strip())
+        return text, len(prefix)
     if "text" in obj:
         text = obj["text"]
         if not isinstance(text, str):
             raise ValueError("field 'text' must be a string")
         if not text.strip():
             raise ValueError("field 'text' is empty")
-        return text
+        return text, 0
     raise ValueError(f"no 'question'/'answer' or 'text' field (keys: {sorted(obj)[:5]})")
 
 
@@ -114,7 +130,7 @@ def read_jsonl(
                 stats.blank += 1
                 continue
             try:
-                text = format_row(json.loads(raw.decode("utf-8")), strip=strip)
+                text, answer_char = render_row(json.loads(raw.decode("utf-8")), strip=strip)
             except UnicodeDecodeError as exc:
                 reason, detail = "not UTF-8", f"bytes are not valid UTF-8 at offset {exc.start}"
             except json.JSONDecodeError as exc:
@@ -122,9 +138,11 @@ def read_jsonl(
             except (ValueError, RecursionError) as exc:
                 reason, detail = "invalid row", str(exc)
             else:
+                # A cut that removes the whole answer leaves answer_char past the end of
+                # the text, so tokenize_rows gives that sample no answer tokens.
                 if len(text) > max_chars:
                     text = text[:max_chars]
-                rows.append(InputRow(source, row, split, text))
+                rows.append(InputRow(source, row, split, text, answer_char))
                 row += 1
                 continue
             if on_bad_row == "error":
@@ -144,19 +162,22 @@ def assign_heldout(rows: list[InputRow], fraction: float, seed: int) -> list[Inp
     if fraction > 0 and len(rows) > 1:
         count = max(count, 1)
     chosen = set(random.Random(seed).sample(range(len(rows)), count)) if count else set()
-    return [
-        InputRow(r.source, r.row, "heldout", r.text) if i in chosen else r for i, r in enumerate(rows)
-    ]
+    return [replace(r, split="heldout") if i in chosen else r for i, r in enumerate(rows)]
 
 
 @dataclass(frozen=True)
 class TokenizedSample:
-    """A row's token ids, truncated to the maximum length, ready to run through the teacher."""
+    """A row's token ids, truncated to the maximum length, ready to run through the teacher.
+
+    ``answer_start`` is the index of the first answer token: 0 for a ``text`` row, and
+    ``len(token_ids)`` for a GSM8K row truncated before its answer.
+    """
 
     source: int
     row: int
     split: str
     token_ids: tuple[int, ...]
+    answer_start: int = 0
 
 
 @dataclass
@@ -175,16 +196,24 @@ def tokenize_rows(
     stats: TokenizeStats,
     batch_size: int = 1024,
 ) -> list[TokenizedSample]:
-    """Tokenise rows with the teacher's tokenizer: the template text, then EOS when requested."""
+    """Tokenise rows with the teacher's tokenizer: the template text, then EOS when requested.
+
+    Each sample's answer start comes from the tokenizer's offset mapping: it is the first
+    token whose character span ends inside the answer, so a BPE token that merges the
+    space before the answer with its first word counts as an answer token.
+    """
     eos = tokenizer.eos_token_id if append_eos else None
     if append_eos and eos is None:
         raise DataError("the tokenizer has no eos_token_id; pass --no-append-eos")
     samples = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        encoded = tokenizer([r.text for r in chunk], add_special_tokens=True)["input_ids"]
-        for row, ids in zip(chunk, encoded):
+        encoded = _encode(tokenizer, chunk)
+        for row, (ids, offsets) in zip(chunk, encoded):
+            answer_start = _first_answer_token(offsets, row.answer_char)
             ids = list(ids) + ([eos] if eos is not None else [])
+            if answer_start is None:
+                answer_start = len(ids)
             if len(ids) > max_length:
                 if on_long == "error":
                     raise DataError(
@@ -198,8 +227,37 @@ def tokenize_rows(
                 ids = ids[:max_length]
             if not ids:
                 continue
-            samples.append(TokenizedSample(row.source, row.row, row.split, tuple(ids)))
+            sample = TokenizedSample(row.source, row.row, row.split, tuple(ids), min(answer_start, len(ids)))
+            samples.append(sample)
     return samples
+
+
+def _encode(tokenizer: Any, rows: Sequence[InputRow]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """Return each row's token ids with their (start, end) character spans in the row's text."""
+    texts = [r.text for r in rows]
+    if not getattr(tokenizer, "is_fast", False):
+        if any(r.answer_char for r in rows):
+            raise DataError(
+                f"tokenizer {type(tokenizer).__name__} has no offset mapping, which locating answer tokens "
+                "needs; use a checkpoint that ships a fast tokenizer (tokenizer.json)"
+            )
+        encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
+        return [(list(ids), []) for ids in encoded]
+    encoded = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
+    return [(list(ids), list(spans)) for ids, spans in zip(encoded["input_ids"], encoded["offset_mapping"])]
+
+
+def _first_answer_token(offsets: Sequence[tuple[int, int]], answer_char: int) -> int | None:
+    """Index of the first token that ends after ``answer_char``; None when no token reaches the answer.
+
+    Special tokens have the span (0, 0), so a leading BOS never counts as an answer token.
+    """
+    if answer_char == 0:
+        return 0
+    for index, (_, end) in enumerate(offsets):
+        if end > answer_char:
+            return index
+    return None
 
 
 def dataset_fingerprint(sources: list[dict[str, Any]], options: dict[str, Any]) -> str:

@@ -170,3 +170,9 @@ def load_causal_lm(
 
 def geometry_dict(geometry: KVGeometry) -> dict[str, Any]:
     return asdict(geometry)
+
+
+def vocab_size(config: Any) -> int:
+    """Return the size of the model's output vocabulary (``vocab_size`` in config.json, padding included)."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text_config.vocab_size)

@@ -27,6 +27,7 @@ from extract.data import (
 )
 from extract.embedded import resolve_model_path
 from extract.errors import UserError
+from extract.logprobs import output_head, teacher_topk
 from extract.models import (
     geometry_dict,
     kv_geometry,
@@ -37,6 +38,7 @@ from extract.models import (
     resolve_compute_dtype,
     resolve_device,
     tokenizer_fingerprint,
+    vocab_size,
 )
 from extract.plan import ShardPlan, batch_positions, plan_digest, plan_shards
 from extract.store import KVLayout, Manifest, StoreWriter
@@ -78,6 +80,7 @@ class ExtractOptions:
     zarr_chunk_tokens: int = 128
     queue_depth: int = 4
     write_store: bool = True
+    topk_logprobs: int = 0
 
 
 @dataclass
@@ -164,6 +167,7 @@ def _describe_request(opts: ExtractOptions, teacher_path: str, config: Any, toke
         "name_or_path": opts.teacher,
         "identity": model_identity(teacher_path, config),
         **geometry_dict(geometry),
+        "vocab_size": vocab_size(config),
         "attn_implementation": opts.attn_implementation,
         "compute_dtype": dtype_name(compute_dtype),
         "padding_side": "right",
@@ -218,11 +222,16 @@ def run_extract(opts: ExtractOptions) -> ExtractResult:
     config = load_config(teacher_path, trust_remote_code=opts.trust_remote_code)
     tokenizer = load_tokenizer(teacher_path, trust_remote_code=opts.trust_remote_code)
     geometry = kv_geometry(config)
+    if not 0 <= opts.topk_logprobs <= vocab_size(config):
+        raise UserError(
+            f"--topk-logprobs {opts.topk_logprobs} is outside 0..{vocab_size(config)}, the teacher's vocabulary size"
+        )
     layout = KVLayout(
         layers=parse_layers(opts.layers, geometry.num_hidden_layers),
         num_kv_heads=geometry.num_key_value_heads,
         head_dim=geometry.head_dim,
         dtype=store_dtype,
+        topk=opts.topk_logprobs,
     )
 
     samples, sources, read_stats, token_stats = _read_samples(opts, tokenizer)
@@ -232,9 +241,10 @@ def run_extract(opts: ExtractOptions) -> ExtractResult:
     requested = _describe_request(opts, teacher_path, config, tokenizer, samples, sources, read_stats, token_stats, shards, layout, compute_dtype)
     total_tokens = requested.plan["tokens"]
     logger.info(
-        "plan: %d samples, %d tokens, %d shards; %d bytes per token (%d layers x 2 x %d KV heads x %d x %s)",
+        "plan: %d samples, %d tokens, %d shards; %d bytes per token (%d layers x 2 x %d KV heads x %d x %s, "
+        "plus %d for top-%d log-probabilities)",
         len(samples), total_tokens, len(shards), layout.bytes_per_token, len(layout.layers),
-        layout.num_kv_heads, layout.head_dim, store_dtype,
+        layout.num_kv_heads, layout.head_dim, store_dtype, layout.topk_bytes_per_token, layout.topk,
     )
 
     result = ExtractResult(manifest=requested, store=opts.out, truncated=token_stats.truncated, skipped=dict(read_stats.skipped))
@@ -277,8 +287,10 @@ def _run_teacher(
     )
     model.eval()
     # The base model returns the cache without the LM head: [tokens, vocab] logits would
-    # cost far more memory than the cache itself on a 150k-token vocabulary.
+    # cost far more memory than the cache itself on a 150k-token vocabulary. With
+    # --topk-logprobs the head runs on real tokens only, in chunks (extract.logprobs).
     base = model.base_model
+    head = output_head(model, model.config) if layout.topk else None
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     store_dtype = torch_dtype(layout.dtype)
     thread = ShardWriterThread(writer, {s.index: s for s in shards}, queue_depth=opts.queue_depth) if writer else None
@@ -291,7 +303,7 @@ def _run_teacher(
         for shard in shards:
             for positions in batch_positions(shard, opts.batch_tokens, opts.max_batch_size):
                 sequences = [shard.samples[p].token_ids for p in positions]
-                item = _forward(base, sequences, pad_id, device, layout, store_dtype)
+                item = _forward(base, head, sequences, pad_id, device, layout, store_dtype)
                 item.shard, item.positions = shard.index, positions
                 if thread:
                     thread.put(item)
@@ -316,26 +328,41 @@ def _run_teacher(
 
 
 @torch.inference_mode()
-def _forward(base: Any, sequences: list, pad_id: int, device: torch.device, layout: KVLayout, store_dtype: torch.dtype) -> BatchItem:
+def _forward(base: Any, head: Any, sequences: list, pad_id: int, device: torch.device, layout: KVLayout, store_dtype: torch.dtype) -> BatchItem:
     input_ids, attention_mask, position_ids = right_padded_batch(sequences, pad_id)
+    attention_mask = attention_mask.to(device)
     output = base(
         input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
+        attention_mask=attention_mask,
         position_ids=position_ids.to(device),
         use_cache=True,
     )
     kv = stacked_kv(output_cache(output), layout.layers)
+    real = attention_mask.bool()
+    topk_ids = topk_logprobs = None
+    if layout.topk:
+        topk_ids, topk_logprobs = teacher_topk(head, output.last_hidden_state, real, layout.topk)
     if device.type != "cuda":
-        return BatchItem(shard=-1, positions=[], kv=kv)
+        return BatchItem(shard=-1, positions=[], kv=kv, topk_ids=topk_ids, topk_logprobs=topk_logprobs)
     # On a GPU: convert and check on the device, then copy into pinned host memory
     # without blocking, so the next forward pass starts while the copy runs.
     kv = kv.to(store_dtype)
-    mask = attention_mask.to(device).bool()[:, :, None, None, None, None]
-    finite = (torch.isfinite(kv) | ~mask).flatten(1).all(dim=1)
-    host = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=True)
-    host.copy_(kv, non_blocking=True)
-    host_finite = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
-    host_finite.copy_(finite, non_blocking=True)
+    finite = (torch.isfinite(kv) | ~real[:, :, None, None, None, None]).flatten(1).all(dim=1)
+    if topk_logprobs is not None:
+        # NOTE: tests run on CPU only; this CUDA branch of the top-k copy has not run in them.
+        # Padded positions hold 0, so only real tokens can fail this check.
+        finite &= torch.isfinite(topk_logprobs).flatten(1).all(dim=1)
+        topk_ids, topk_logprobs = _to_pinned_host(topk_ids), _to_pinned_host(topk_logprobs)
+    host_kv, host_finite = _to_pinned_host(kv), _to_pinned_host(finite)
     ready = torch.cuda.Event()
     ready.record()
-    return BatchItem(shard=-1, positions=[], kv=host, finite=host_finite, ready=ready)
+    return BatchItem(
+        shard=-1, positions=[], kv=host_kv, finite=host_finite, ready=ready, topk_ids=topk_ids, topk_logprobs=topk_logprobs
+    )
+
+
+def _to_pinned_host(tensor: torch.Tensor) -> torch.Tensor:
+    """Start a non-blocking copy into pinned host memory; wait on a CUDA event recorded after it before use."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host

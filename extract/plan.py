@@ -47,12 +47,12 @@ def plan_shards(samples: Sequence[TokenizedSample], bytes_per_token: int, shard_
 
 
 def plan_digest(shards: Sequence[ShardPlan]) -> str:
-    """Hash the assignment of (source, row, token ids) to shards, so a resume can prove it matches."""
+    """Hash the assignment of (source, row, answer start, token ids) to shards, so a resume can prove it matches."""
     digest = hashlib.sha256()
     for shard in shards:
         digest.update(f"shard {shard.index}\n".encode())
         for sample in shard.samples:
-            digest.update(f"{sample.source} {sample.row} {sample.split} ".encode())
+            digest.update(f"{sample.source} {sample.row} {sample.split} {sample.answer_start} ".encode())
             digest.update(",".join(map(str, sample.token_ids)).encode())
             digest.update(b"\n")
     return digest.hexdigest()

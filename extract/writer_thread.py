@@ -34,7 +34,9 @@ class BatchItem:
 
     ``kv`` is [batch, tokens, layers, 2, kv_heads, head_dim] on the CPU (possibly pinned
     memory still being filled by a CUDA copy, in which case ``ready`` is the CUDA event
-    to wait on). ``finite`` is an optional per-sample flag computed on the device.
+    to wait on). ``finite`` is an optional per-sample flag computed on the device, over
+    the key/value rows and the top-k log-probabilities. ``topk_ids`` and
+    ``topk_logprobs`` are [batch, tokens, K] when the store keeps the teacher's top-k.
     """
 
     shard: int
@@ -42,6 +44,19 @@ class BatchItem:
     kv: torch.Tensor
     finite: torch.Tensor | None = None
     ready: Any = None
+    topk_ids: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
+
+
+@dataclass
+class _ShardBuffer:
+    """One shard being assembled: its per-token arrays, sample offsets and the samples received so far."""
+
+    kv: torch.Tensor
+    offsets: list[int]
+    topk_ids: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
+    received: int = 0
 
 
 class ShardWriterThread(threading.Thread):
@@ -55,7 +70,7 @@ class ShardWriterThread(threading.Thread):
         self.shards_written = 0
         self._lock = threading.Lock()
         self._dtype = torch_dtype(writer.manifest.layout.dtype)
-        self._buffers: dict[int, tuple[torch.Tensor, list[int], int]] = {}
+        self._buffers: dict[int, _ShardBuffer] = {}
 
     def put(self, item: BatchItem) -> None:
         """Queue a batch; raise the writer's error, if it has failed, instead of blocking forever."""
@@ -98,41 +113,57 @@ class ShardWriterThread(threading.Thread):
             item.ready.synchronize()
         plan = self.shards[item.shard]
         if item.shard not in self._buffers:
-            tokens = plan.tokens
-            layout = self.writer.manifest.layout
-            kv = torch.empty((tokens, *layout.token_shape), dtype=self._dtype)
-            offsets = [0]
-            for sample in plan.samples:
-                offsets.append(offsets[-1] + len(sample.token_ids))
-            self._buffers[item.shard] = (kv, offsets, 0)
-        kv, offsets, received = self._buffers[item.shard]
+            self._buffers[item.shard] = self._new_buffer(plan)
+        buffer = self._buffers[item.shard]
         for b, position in enumerate(item.positions):
             sample = plan.samples[position]
             length = len(sample.token_ids)
             rows = item.kv[b, :length]
-            finite = bool(item.finite[b]) if item.finite is not None else bool(torch.isfinite(rows).all())
+            if item.finite is not None:
+                finite = bool(item.finite[b])
+            else:
+                finite = bool(torch.isfinite(rows).all())
+                if item.topk_logprobs is not None:
+                    finite = finite and bool(torch.isfinite(item.topk_logprobs[b, :length]).all())
             if not finite:
                 raise NonFiniteError(
                     f"the teacher produced NaN or Inf for input source {sample.source} row {sample.row} "
                     f"({length} tokens); nothing of shard {item.shard} was written. Check the row, "
                     "or run with --compute-dtype float32"
                 )
-            kv[offsets[position] : offsets[position] + length] = rows
-        received += len(item.positions)
-        self._buffers[item.shard] = (kv, offsets, received)
-        if received == len(plan.samples):
-            self._write(plan, kv, offsets)
+            start = buffer.offsets[position]
+            buffer.kv[start : start + length] = rows
+            if buffer.topk_ids is not None:
+                buffer.topk_ids[start : start + length] = item.topk_ids[b, :length]
+                buffer.topk_logprobs[start : start + length] = item.topk_logprobs[b, :length]
+        buffer.received += len(item.positions)
+        if buffer.received == len(plan.samples):
+            self._write(plan, buffer)
             del self._buffers[item.shard]
 
-    def _write(self, plan: ShardPlan, kv: torch.Tensor, offsets: list[int]) -> None:
+    def _new_buffer(self, plan: ShardPlan) -> _ShardBuffer:
+        layout = self.writer.manifest.layout
+        offsets = [0]
+        for sample in plan.samples:
+            offsets.append(offsets[-1] + len(sample.token_ids))
+        buffer = _ShardBuffer(kv=torch.empty((plan.tokens, *layout.token_shape), dtype=self._dtype), offsets=offsets)
+        if layout.topk:
+            buffer.topk_ids = torch.empty((plan.tokens, layout.topk), dtype=torch.int32)
+            buffer.topk_logprobs = torch.empty((plan.tokens, layout.topk), dtype=torch.float32)
+        return buffer
+
+    def _write(self, plan: ShardPlan, buffer: _ShardBuffer) -> None:
         token_ids = torch.tensor([t for s in plan.samples for t in s.token_ids], dtype=torch.int32)
         contents = ShardContents(
-            kv=kv,
+            kv=buffer.kv,
             token_ids=token_ids,
-            sample_offsets=torch.tensor(offsets, dtype=torch.int64),
+            sample_offsets=torch.tensor(buffer.offsets, dtype=torch.int64),
             sample_rows=torch.tensor([s.row for s in plan.samples], dtype=torch.int64),
             sample_sources=torch.tensor([s.source for s in plan.samples], dtype=torch.uint8),
             sample_splits=torch.tensor([SPLITS.index(s.split) for s in plan.samples], dtype=torch.uint8),
+            sample_answer_starts=torch.tensor([s.answer_start for s in plan.samples], dtype=torch.int64),
+            topk_ids=buffer.topk_ids,
+            topk_logprobs=buffer.topk_logprobs,
         )
         record = self.writer.write_shard(plan.index, contents)
         with self._lock:

@@ -30,6 +30,9 @@ SHARD_DIR = "shards"
 SPLITS = ("train", "heldout")
 KEY_POSITION_ENCODINGS = ("post-rope",)
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+# Upper bound on the stored top-k: far above any useful K, small enough that a damaged
+# manifest cannot make a reader expect absurd array sizes.
+MAX_TOPK = 1 << 16
 
 _SHARD_NAME = re.compile(r"^shards/(\d{5})\.(safetensors|zarr)$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -37,18 +40,37 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 @dataclass(frozen=True)
 class KVLayout:
-    """Shape and encoding of one token's stored key/value rows."""
+    """Shape and encoding of one token's stored key/value rows, and the shards' optional arrays.
+
+    ``topk`` is K of the teacher's top-K next-token log-probabilities stored per token
+    (arrays ``topk_ids`` int32 [tokens, K] and ``topk_logprobs`` float32 [tokens, K]),
+    0 when the store has none. ``answer_starts`` is True when shards contain
+    ``sample_answer_starts``. Manifests written before either field existed lack them
+    and parse as 0 and False.
+    """
 
     layers: tuple[int, ...]
     num_kv_heads: int
     head_dim: int
     dtype: str
     key_position: str = "post-rope"
+    topk: int = 0
+    answer_starts: bool = True
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        itemsize = torch.empty((), dtype=shard_io.torch_dtype(self.dtype)).element_size()
+        return len(self.layers) * 2 * self.num_kv_heads * self.head_dim * itemsize
+
+    @property
+    def topk_bytes_per_token(self) -> int:
+        """Bytes of one token's top-k rows: K int32 ids and K float32 log-probabilities."""
+        return self.topk * (4 + 4)
 
     @property
     def bytes_per_token(self) -> int:
-        itemsize = torch.empty((), dtype=shard_io.torch_dtype(self.dtype)).element_size()
-        return len(self.layers) * 2 * self.num_kv_heads * self.head_dim * itemsize
+        """Stored bytes per token, key/value rows and top-k rows together; shards are planned with it."""
+        return self.kv_bytes_per_token + self.topk_bytes_per_token
 
     @property
     def token_shape(self) -> tuple[int, int, int, int]:
@@ -121,6 +143,7 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         layout = asdict(self.layout)
         layout["layers"] = list(self.layout.layers)
+        layout["kv_bytes_per_token"] = self.layout.kv_bytes_per_token
         layout["bytes_per_token"] = self.layout.bytes_per_token
         layout["axes"] = ["tokens", "layers", "key_value", "kv_heads", "head_dim"]
         return {
@@ -206,6 +229,9 @@ def parse_manifest(obj: Any) -> Manifest:
         head_dim=_count(kv, "head_dim", "kv.", upper=65536) or _bad("kv.head_dim", 0),
         dtype=dtype,
         key_position=key_position,
+        # Both fields are optional so that stores written before they existed still open.
+        topk=_count(kv, "topk", "kv.", upper=MAX_TOPK) if "topk" in kv else 0,
+        answer_starts=_require(kv, "answer_starts", bool, "kv.") if "answer_starts" in kv else False,
     )
 
     plan = _require(obj, "plan", dict, "")

@@ -19,7 +19,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SampleRef:
-    """Where one sample lives: its shard, its token range there, and its provenance."""
+    """Where one sample lives: its shard, its token range there, and its provenance.
+
+    ``answer_start`` counts from the sample's first token; it is 0 in stores that do not
+    record answer starts.
+    """
 
     shard: int
     start: int
@@ -27,6 +31,7 @@ class SampleRef:
     row: int
     source: int
     split: str
+    answer_start: int = 0
 
     @property
     def length(self) -> int:
@@ -53,6 +58,12 @@ class KVStore:
                 f"store {self.path} is incomplete: {len(self.manifest.shards)} of "
                 f"{self.manifest.planned_shards} shards written; rerun the same extract command to finish it"
             )
+        if not self.manifest.layout.answer_starts:
+            logger.warning(
+                "store %s records no answer starts (written before they existed); every token counts as an "
+                "answer token. Re-extract it to get answer spans.",
+                self.path,
+            )
         self.samples: list[SampleRef] = []
         for record in self.manifest.shards:
             handle = self._open_shard(record)
@@ -62,9 +73,10 @@ class KVStore:
             rows = index["sample_rows"].tolist()
             sources = index["sample_sources"].tolist()
             splits = index["sample_splits"].tolist()
+            answer_starts = index[shard_io.ANSWER_STARTS].tolist() if shard_io.ANSWER_STARTS in index else [0] * record.samples
             for i in range(record.samples):
                 self.samples.append(
-                    SampleRef(record.index, offsets[i], offsets[i + 1], rows[i], sources[i], SPLITS[splits[i]])
+                    SampleRef(record.index, offsets[i], offsets[i + 1], rows[i], sources[i], SPLITS[splits[i]], answer_starts[i])
                 )
             handle.close()
         self._handles: dict[int, shard_io.ShardReader] = {}
@@ -91,6 +103,16 @@ class KVStore:
         counts = {name: int((splits == code).sum()) for code, name in enumerate(SPLITS)}
         if any(counts.get(name, 0) != record.splits.get(name, 0) for name in SPLITS):
             raise StoreError(f"shard {record.path}: split counts {counts} disagree with the manifest's {record.splits}")
+        answer_starts = index.get(shard_io.ANSWER_STARTS)
+        if answer_starts is not None:
+            lengths = offsets[1:] - offsets[:-1]
+            outside = ((answer_starts < 0) | (answer_starts > lengths)).nonzero().flatten().tolist()
+            if outside:
+                sample = outside[0]
+                raise StoreError(
+                    f"shard {record.path}: sample {sample} has answer start {int(answer_starts[sample])} "
+                    f"outside its 0..{int(lengths[sample])} tokens; the shard is damaged"
+                )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -119,6 +141,31 @@ class KVStore:
     def read_token_ids(self, sample_id: int) -> torch.Tensor:
         ref = self.samples[sample_id]
         return self._handle(ref.shard).read_token_ids(ref.start, ref.stop)
+
+    @property
+    def topk(self) -> int:
+        """K of the stored teacher top-k log-probabilities; 0 when the store has none."""
+        return self.manifest.layout.topk
+
+    def read_answer_start(self, sample_id: int) -> int:
+        """Return the index of the sample's first answer token, counted from its first token.
+
+        It is 0 for plain-text rows (every token is a target), the sample's length when
+        truncation cut the answer off, and 0 for every sample of a store written before
+        answer starts were recorded. Read from the index loaded at open; no shard I/O.
+        """
+        return self.samples[sample_id].answer_start
+
+    def read_topk(self, sample_id: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Return the sample's teacher top-k (ids int32 [tokens, K], log-probabilities float32 [tokens, K]), or None.
+
+        Row t contains the K most likely tokens to follow token t, sorted by descending
+        log-probability. None when the store was extracted without --topk-logprobs.
+        """
+        if not self.topk:
+            return None
+        ref = self.samples[sample_id]
+        return self._handle(ref.shard).read_topk(ref.start, ref.stop)
 
     def close(self) -> None:
         for handle in self._handles.values():

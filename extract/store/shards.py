@@ -1,20 +1,30 @@
 """Shard files: the two storage backends, each with its writer and reader side by side.
 
-Every shard holds the same six arrays, whatever the backend:
+Every shard contains the same arrays, whatever the backend. The last three are present
+only when the manifest's layout says so (``answer_starts`` true, ``topk`` above 0):
 
-==================  ==============================================  ========
-name                shape                                           dtype
-==================  ==============================================  ========
-kv                  [tokens, layers, 2, kv_heads, head_dim]          store dtype
-token_ids           [tokens]                                        int32
-sample_offsets      [samples + 1]                                   int64
-sample_rows         [samples]                                       int64
-sample_sources      [samples]                                       uint8
-sample_splits       [samples]                                       uint8
-==================  ==============================================  ========
+====================  ==============================================  ========
+name                  shape                                           dtype
+====================  ==============================================  ========
+kv                    [tokens, layers, 2, kv_heads, head_dim]          store dtype
+token_ids             [tokens]                                        int32
+sample_offsets        [samples + 1]                                   int64
+sample_rows           [samples]                                       int64
+sample_sources        [samples]                                       uint8
+sample_splits         [samples]                                       uint8
+sample_answer_starts  [samples]                                       int64
+topk_ids              [tokens, K]                                     int32
+topk_logprobs         [tokens, K]                                     float32
+====================  ==============================================  ========
 
 ``kv[..., 0, :, :]`` is the key and ``kv[..., 1, :, :]`` the value of each layer.
 Token-major order makes one sample's rows one contiguous byte range.
+
+``sample_answer_starts[i]`` is the index, counted from sample i's first token, of its
+first answer token (0 for plain-text rows, the sample's length when truncation cut the
+answer off). Row t of ``topk_ids`` / ``topk_logprobs`` contains the teacher's K most likely
+tokens to follow token t and their log_softmax values over the full vocabulary in
+float32, sorted in descending order.
 
 safetensors: one file, written by ``safetensors.torch.save_file``; read here with
 ``pread`` through the file's own header, which is validated strictly first (offsets,
@@ -57,6 +67,13 @@ INDEX_ARRAYS: dict[str, torch.dtype] = {
     "sample_sources": torch.uint8,
     "sample_splits": torch.uint8,
 }
+ANSWER_STARTS = "sample_answer_starts"
+TOPK_ARRAYS: dict[str, torch.dtype] = {"topk_ids": torch.int32, "topk_logprobs": torch.float32}
+OPTIONAL_ARRAYS: dict[str, torch.dtype] = {ANSWER_STARTS: torch.int64, **TOPK_ARRAYS}
+# Arrays with one entry per sample (the rest have one row per token).
+SAMPLE_ARRAYS = ("sample_offsets", "sample_rows", "sample_sources", "sample_splits", ANSWER_STARTS)
+# Per-token arrays that Zarr chunks along tokens, so a sample read touches only its chunks.
+TOKEN_CHUNKED_ARRAYS = ("kv", *TOPK_ARRAYS)
 ZARR_CHUNK_TOKENS = 128
 _HASH_BLOCK = 8 * 1024 * 1024
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -87,7 +104,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass
 class ShardContents:
-    """The arrays of one shard, in memory, before writing."""
+    """The arrays of one shard, in memory, before writing; an optional array left None is not written."""
 
     kv: torch.Tensor
     token_ids: torch.Tensor
@@ -95,11 +112,16 @@ class ShardContents:
     sample_rows: torch.Tensor
     sample_sources: torch.Tensor
     sample_splits: torch.Tensor
+    sample_answer_starts: torch.Tensor | None = None
+    topk_ids: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
 
     def arrays(self) -> dict[str, torch.Tensor]:
         arrays = {"kv": self.kv.contiguous()}
-        for name, dtype in INDEX_ARRAYS.items():
-            arrays[name] = getattr(self, name).to(dtype).contiguous()
+        for name, dtype in {**INDEX_ARRAYS, **OPTIONAL_ARRAYS}.items():
+            tensor = getattr(self, name)
+            if tensor is not None:
+                arrays[name] = tensor.to(dtype).contiguous()
         return arrays
 
 
@@ -109,6 +131,8 @@ class ShardReader(Protocol):
     def read_kv(self, start: int, stop: int) -> torch.Tensor: ...
 
     def read_token_ids(self, start: int, stop: int) -> torch.Tensor: ...
+
+    def read_topk(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def close(self) -> None: ...
 
@@ -227,7 +251,7 @@ def _write_zarr(path: Path, contents: ShardContents, chunk_tokens: int) -> None:
         array = tensor.view(torch.uint16) if tensor.dtype == torch.bfloat16 else tensor
         data = array.numpy()
         tokens = max(1, data.shape[0])
-        if name == "kv":
+        if name in TOKEN_CHUNKED_ARRAYS:
             chunks = (min(chunk_tokens, tokens),) + data.shape[1:]
             shards = (-(-tokens // chunks[0]) * chunks[0],) + data.shape[1:]
         else:
@@ -270,10 +294,16 @@ def open_shard(backend: str, path: Path, layout: "KVLayout", record: "ShardRecor
 
 
 def expected_shapes(layout: "KVLayout", record: "ShardRecord") -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Return the (shape, dtype) of every array that a shard with this layout and record must contain, and no others."""
     shapes = {"kv": ((record.tokens, *layout.token_shape), torch_dtype(layout.dtype))}
     lengths = {"token_ids": record.tokens, "sample_offsets": record.samples + 1}
     for name, dtype in INDEX_ARRAYS.items():
         shapes[name] = ((lengths.get(name, record.samples),), dtype)
+    if layout.answer_starts:
+        shapes[ANSWER_STARTS] = ((record.samples,), OPTIONAL_ARRAYS[ANSWER_STARTS])
+    if layout.topk:
+        for name, dtype in TOPK_ARRAYS.items():
+            shapes[name] = ((record.tokens, layout.topk), dtype)
     return shapes
 
 
@@ -362,13 +392,19 @@ class SafetensorsShard:
         return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(stop - start, *shape[1:])
 
     def index(self) -> dict[str, torch.Tensor]:
-        return {name: self._read_rows(name, 0, self._entries[name][2][0]) for name in INDEX_ARRAYS if name != "token_ids"}
+        """Read the per-sample arrays of the shard, whole."""
+        return {name: self._read_rows(name, 0, self._entries[name][2][0]) for name in SAMPLE_ARRAYS if name in self._entries}
 
     def read_kv(self, start: int, stop: int) -> torch.Tensor:
         return self._read_rows("kv", start, stop)
 
     def read_token_ids(self, start: int, stop: int) -> torch.Tensor:
         return self._read_rows("token_ids", start, stop)
+
+    def read_topk(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if "topk_ids" not in self._entries:
+            raise self._fail("contains no top-k arrays; the store was extracted with --topk-logprobs 0")
+        return self._read_rows("topk_ids", start, stop), self._read_rows("topk_logprobs", start, stop)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -385,16 +421,17 @@ class ZarrShard:
     def __init__(self, path: Path, layout: "KVLayout", record: "ShardRecord") -> None:
         zarr = _zarr()
         self.record = record
+        expected = expected_shapes(layout, record)
         try:
             group = zarr.open_group(str(path), mode="r", zarr_format=3)
-            self._arrays = {name: group[name] for name in ("kv", *INDEX_ARRAYS)}
+            self._arrays = {name: group[name] for name in expected}
             extra = sorted(set(group.array_keys()) - set(self._arrays))
         except (KeyError, FileNotFoundError, ValueError, TypeError, json.JSONDecodeError) as exc:
             raise StoreError(f"shard {record.path}: not a readable Zarr group ({type(exc).__name__}: {exc})") from None
         if extra:
             raise StoreError(f"shard {record.path}: holds unexpected arrays {extra}")
         self._dtypes: dict[str, torch.dtype] = {}
-        for name, (shape, dtype) in expected_shapes(layout, record).items():
+        for name, (shape, dtype) in expected.items():
             array = self._arrays[name]
             logical = array.attrs.get("logical_dtype")
             stored = "uint16" if dtype == torch.bfloat16 else str(dtype).removeprefix("torch.")
@@ -415,13 +452,19 @@ class ZarrShard:
         return tensor.view(torch.bfloat16) if self._dtypes[name] == torch.bfloat16 else tensor
 
     def index(self) -> dict[str, torch.Tensor]:
-        return {name: self._read(name, 0, self._arrays[name].shape[0]) for name in INDEX_ARRAYS if name != "token_ids"}
+        """Read the per-sample arrays of the shard, whole."""
+        return {name: self._read(name, 0, self._arrays[name].shape[0]) for name in SAMPLE_ARRAYS if name in self._arrays}
 
     def read_kv(self, start: int, stop: int) -> torch.Tensor:
         return self._read("kv", start, stop)
 
     def read_token_ids(self, start: int, stop: int) -> torch.Tensor:
         return self._read("token_ids", start, stop)
+
+    def read_topk(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if "topk_ids" not in self._arrays:
+            raise StoreError(f"shard {self.record.path}: contains no top-k arrays; the store was extracted with --topk-logprobs 0")
+        return self._read("topk_ids", start, stop), self._read("topk_logprobs", start, stop)
 
     def close(self) -> None:
         self._arrays = {}

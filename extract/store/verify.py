@@ -44,9 +44,11 @@ def verify_store(
     """Re-check every shard of the store at ``path`` against its manifest.
 
     Checks, per listed shard: presence, byte size and sha256; the header's arrays, dtypes
-    and shapes; sample offsets and split counts; and (``check_values``) that every stored
-    key and value is finite. Also reports an incomplete store and files that the store
-    does not list. ``progress`` receives the bytes hashed so far, shard by shard.
+    and shapes; sample offsets, split counts and answer starts; and (``check_values``)
+    that every stored key and value is finite and that stored top-k log-probabilities are
+    finite, at most 0 and sorted, with ids inside the teacher's vocabulary. Also reports
+    an incomplete store and files that the store does not list. ``progress`` receives
+    the bytes hashed so far, shard by shard.
     """
     report = VerifyReport(Path(path))
     try:
@@ -113,16 +115,35 @@ def _stray_files(root: Path, manifest: Manifest) -> list[str]:
 
 
 def _check_finite(store: KVStore, shards: set[int], report: VerifyReport) -> None:
+    vocab_size = store.manifest.teacher.get("vocab_size")
     for sample_id, ref in enumerate(store.samples):
         if ref.shard not in shards:
             continue
+        handle = store._handle(ref.shard)
         for start in range(ref.start, ref.stop, _FINITE_CHECK_TOKENS):
             stop = min(ref.stop, start + _FINITE_CHECK_TOKENS)
-            handle = store._handle(ref.shard)
-            rows = handle.read_kv(start, stop)
-            if not bool(torch.isfinite(rows).all()):
+            problem = _kv_problem(handle.read_kv(start, stop))
+            if problem is None and store.topk:
+                problem = _topk_problem(*handle.read_topk(start, stop), vocab_size)
+            if problem is not None:
                 record = store.manifest.shards[ref.shard]
-                report.problems.append(
-                    f"shard {record.path}: sample {sample_id} (input row {ref.row}) contains NaN or Inf values"
-                )
+                report.problems.append(f"shard {record.path}: sample {sample_id} (input row {ref.row}) {problem}")
                 break
+
+
+def _kv_problem(rows: torch.Tensor) -> str | None:
+    return None if bool(torch.isfinite(rows).all()) else "contains NaN or Inf values"
+
+
+def _topk_problem(ids: torch.Tensor, logprobs: torch.Tensor, vocab_size: int | None) -> str | None:
+    """Describe the first fault of a top-k block: non-finite or positive log-probabilities, bad order, ids out of range."""
+    if not bool(torch.isfinite(logprobs).all()):
+        return "has NaN or Inf in topk_logprobs"
+    if bool((logprobs > 0).any()):
+        return "has a positive value in topk_logprobs (log-probabilities are at most 0)"
+    if bool((logprobs[:, 1:] > logprobs[:, :-1]).any()):
+        return "has topk_logprobs rows that are not sorted in descending order"
+    upper = vocab_size if isinstance(vocab_size, int) else torch.iinfo(torch.int32).max
+    if bool(((ids < 0) | (ids >= upper)).any()):
+        return f"has topk_ids outside the teacher's vocabulary 0..{upper - 1}"
+    return None

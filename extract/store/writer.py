@@ -15,6 +15,7 @@ from extract.store.manifest import (
     MANIFEST_NAME,
     SHARD_DIR,
     SPLITS,
+    KVLayout,
     Manifest,
     ShardRecord,
     read_manifest,
@@ -41,6 +42,24 @@ def _readable_first(differences: list[tuple[str, Any, Any]]) -> tuple[str, Any, 
     derived = ("sha256", "fingerprint", "identity")
     plain = [d for d in differences if not any(word in d[0] for word in derived)]
     return (plain or differences)[0]
+
+
+def _check_optional_arrays(index: int, contents: shard_io.ShardContents, layout: KVLayout) -> None:
+    """Raise RuntimeError unless the shard carries exactly the optional arrays the layout names, in their shapes."""
+    samples, tokens = int(contents.sample_rows.shape[0]), int(contents.kv.shape[0])
+    answer_starts = contents.sample_answer_starts
+    if (answer_starts is not None) != layout.answer_starts:
+        raise RuntimeError(
+            f"shard {index}: has sample_answer_starts={answer_starts is not None}, the layout has answer_starts={layout.answer_starts}"
+        )
+    if answer_starts is not None and tuple(answer_starts.shape) != (samples,):
+        raise RuntimeError(f"shard {index}: sample_answer_starts has shape {tuple(answer_starts.shape)}, expected ({samples},)")
+    for name in shard_io.TOPK_ARRAYS:
+        tensor = getattr(contents, name)
+        if (tensor is not None) != bool(layout.topk):
+            raise RuntimeError(f"shard {index}: has {name}={tensor is not None}, the layout has topk={layout.topk}")
+        if tensor is not None and tuple(tensor.shape) != (tokens, layout.topk):
+            raise RuntimeError(f"shard {index}: {name} has shape {tuple(tensor.shape)}, expected ({tokens}, {layout.topk})")
 
 
 class StoreWriter:
@@ -111,6 +130,7 @@ class StoreWriter:
         expected = (contents.kv.shape[0], *layout.token_shape)
         if tuple(contents.kv.shape) != expected or contents.kv.dtype != shard_io.torch_dtype(layout.dtype):
             raise RuntimeError(f"shard {index}: kv {tuple(contents.kv.shape)} {contents.kv.dtype} does not match the layout {expected} {layout.dtype}")
+        _check_optional_arrays(index, contents, layout)
         relative = self.shard_path(index)
         size, sha256 = shard_io.write_shard(
             self.manifest.backend, self.path / relative, contents, zarr_chunk_tokens=self.zarr_chunk_tokens
