@@ -7,8 +7,9 @@ demand, a batch is ``batch_size`` samples, and the loader keeps at most
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -16,21 +17,47 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from extract.store import KVStore
 
 
+# Log-probability at padded top-k positions. It is finite, so a masked sum or a softmax
+# over K never computes inf - inf or 0 * inf (NaN). Its exp() is exactly 0 in float32 and
+# bfloat16, so even an unmasked KL term p * (log p - log q) is 0 there.
+TOPK_PAD_LOGPROB = -1e4
+
+
 @dataclass
 class KVBatch:
-    """A padded batch: right-padded token ids, a mask of real tokens, and the teacher's K/V rows."""
+    """A padded batch: right-padded token ids, masks of real and answer tokens, the teacher's K/V rows and top-k.
+
+    ``answer_mask`` marks the answer tokens themselves (real tokens at or after the
+    sample's answer start); a next-token loss predicts token t from position t - 1,
+    so it has to shift the mask by one. Row t of ``topk_ids`` / ``topk_logprobs`` is the
+    teacher's distribution over the token after t, which lines up with the student's
+    logits at t. Both are None when the store has no top-k; padded positions hold id 0
+    and ``TOPK_PAD_LOGPROB``.
+    """
 
     sample_ids: torch.Tensor  # [batch]
     input_ids: torch.Tensor  # [batch, tokens], padding = 0
     attention_mask: torch.Tensor  # [batch, tokens], bool, True on real tokens
     teacher_kv: torch.Tensor  # [batch, tokens, layers, 2, kv_heads, head_dim], padding = 0
+    answer_mask: torch.Tensor | None = None  # [batch, tokens], bool; None means a copy of attention_mask
+    topk_ids: torch.Tensor | None = None  # [batch, tokens, K], int64, padding = 0
+    topk_logprobs: torch.Tensor | None = None  # [batch, tokens, K], float32, padding = TOPK_PAD_LOGPROB
+
+    def __post_init__(self) -> None:
+        if self.answer_mask is None:
+            self.answer_mask = self.attention_mask.clone()
+
+    def _map(self, move: Callable[[torch.Tensor], torch.Tensor]) -> "KVBatch":
+        """Return a new batch with ``move`` applied to every tensor field; None fields stay None."""
+        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
+        return KVBatch(**{name: None if t is None else move(t) for name, t in tensors.items()})
 
     def pin_memory(self) -> "KVBatch":
-        return KVBatch(*(t.pin_memory() for t in (self.sample_ids, self.input_ids, self.attention_mask, self.teacher_kv)))
+        return self._map(torch.Tensor.pin_memory)
 
     def to(self, device: torch.device) -> "KVBatch":
         non_blocking = device.type == "cuda"
-        return KVBatch(*(t.to(device, non_blocking=non_blocking) for t in (self.sample_ids, self.input_ids, self.attention_mask, self.teacher_kv)))
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def teacher_vectors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher keys and values as [batch, layers, tokens, kv_heads * head_dim]."""
@@ -46,8 +73,18 @@ class KVBatch:
         return torch.arange(tokens, device=self.input_ids.device).unsqueeze(0).expand(batch, -1)
 
 
+class KVSample(NamedTuple):
+    """One store sample as the dataset returns it; the top-k pair is None when the store has none."""
+
+    sample_id: int
+    token_ids: torch.Tensor  # [tokens], int32
+    kv: torch.Tensor  # [tokens, layers, 2, kv_heads, head_dim]
+    answer_start: int
+    topk: tuple[torch.Tensor, torch.Tensor] | None  # ids int32 [tokens, K], log-probabilities float32 [tokens, K]
+
+
 class KVSampleDataset(Dataset):
-    """One store sample per item: (sample id, token ids, K/V rows)."""
+    """One store sample per item, as a ``KVSample``."""
 
     def __init__(self, store: KVStore, sample_ids: Sequence[int]) -> None:
         self.store = store
@@ -56,24 +93,41 @@ class KVSampleDataset(Dataset):
     def __len__(self) -> int:
         return len(self.sample_ids)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> KVSample:
         sample_id = self.sample_ids[index]
-        return sample_id, self.store.read_token_ids(sample_id), self.store.read_kv(sample_id)
+        store = self.store
+        return KVSample(
+            sample_id,
+            store.read_token_ids(sample_id),
+            store.read_kv(sample_id),
+            store.read_answer_start(sample_id),
+            store.read_topk(sample_id),
+        )
 
 
-def collate_samples(items: list[tuple[int, torch.Tensor, torch.Tensor]]) -> KVBatch:
-    longest = max(tokens.shape[0] for _, tokens, _ in items)
-    token_shape = items[0][2].shape[1:]
+def collate_samples(items: list[KVSample]) -> KVBatch:
+    longest = max(item.token_ids.shape[0] for item in items)
+    token_shape = items[0].kv.shape[1:]
     input_ids = torch.zeros((len(items), longest), dtype=torch.long)
     mask = torch.zeros((len(items), longest), dtype=torch.bool)
-    kv = torch.zeros((len(items), longest, *token_shape), dtype=items[0][2].dtype)
-    for i, (_, tokens, rows) in enumerate(items):
-        length = tokens.shape[0]
-        input_ids[i, :length] = tokens
+    answer_mask = torch.zeros((len(items), longest), dtype=torch.bool)
+    kv = torch.zeros((len(items), longest, *token_shape), dtype=items[0].kv.dtype)
+    topk_ids = topk_logprobs = None
+    if items[0].topk is not None:
+        k = items[0].topk[0].shape[1]
+        topk_ids = torch.zeros((len(items), longest, k), dtype=torch.long)
+        topk_logprobs = torch.full((len(items), longest, k), TOPK_PAD_LOGPROB, dtype=torch.float32)
+    for i, item in enumerate(items):
+        length = item.token_ids.shape[0]
+        input_ids[i, :length] = item.token_ids
         mask[i, :length] = True
-        kv[i, :length] = rows
-    sample_ids = torch.tensor([sample_id for sample_id, _, _ in items], dtype=torch.long)
-    return KVBatch(sample_ids, input_ids, mask, kv)
+        answer_mask[i, item.answer_start : length] = True
+        kv[i, :length] = item.kv
+        if topk_ids is not None:
+            topk_ids[i, :length] = item.topk[0]
+            topk_logprobs[i, :length] = item.topk[1]
+    sample_ids = torch.tensor([item.sample_id for item in items], dtype=torch.long)
+    return KVBatch(sample_ids, input_ids, mask, kv, answer_mask, topk_ids, topk_logprobs)
 
 
 class StepBatchSampler(Sampler[list[int]]):
