@@ -31,8 +31,9 @@ SPLITS = ("train", "heldout")
 KEY_POSITION_ENCODINGS = ("post-rope",)
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 
-_SHARD_NAME = re.compile(r"^shards/(\d{5})\.(safetensors|zarr)$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Matched with fullmatch: "$" would also accept a trailing newline, and "\d" non-ASCII digits.
+_SHARD_NAME = re.compile(r"shards/([0-9]{5})\.(safetensors|zarr)")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -210,7 +211,7 @@ def parse_manifest(obj: Any) -> Manifest:
 
     plan = _require(obj, "plan", dict, "")
     planned_shards = _count(plan, "shards", "plan.", upper=10**6)
-    shards = [_parse_shard(entry, position) for position, entry in enumerate(_require(obj, "shards", list, ""))]
+    shards = [_parse_shard(entry, position, backend) for position, entry in enumerate(_require(obj, "shards", list, ""))]
     if len(shards) > planned_shards:
         raise StoreError(f"invalid manifest: {len(shards)} shards listed but the plan has {planned_shards}")
     complete = _require(obj, "complete", bool, "")
@@ -238,12 +239,12 @@ def _bad(name: str, value: Any) -> Any:
     raise StoreError(f"invalid manifest: field '{name}' = {value!r} must be positive")
 
 
-def _parse_shard(entry: Any, position: int) -> ShardRecord:
+def _parse_shard(entry: Any, position: int, backend: str) -> ShardRecord:
     where = f"shards[{position}]."
     if not isinstance(entry, dict):
         raise StoreError(f"invalid manifest: '{where[:-1]}' must be an object")
     path = _require(entry, "path", str, where)
-    match = _SHARD_NAME.match(path)
+    match = _SHARD_NAME.fullmatch(path)
     # Only names of the exact form shards/NNNNN.ext are accepted, so no manifest can
     # point a reader outside the store (absolute paths, "..", links to elsewhere by name).
     if match is None:
@@ -253,8 +254,10 @@ def _parse_shard(entry: Any, position: int) -> ShardRecord:
     index = _count(entry, "index", where, upper=10**6)
     if index != position or int(match.group(1)) != index:
         raise StoreError(f"invalid manifest: shard {path!r} has index {index} at list position {position}")
+    if "." + match.group(2) != shard_io.BACKENDS[backend]:
+        raise StoreError(f"invalid manifest: shard {path!r} has the wrong extension for the store's {backend} backend")
     sha256 = _require(entry, "sha256", str, where)
-    if not _SHA256.match(sha256):
+    if not _SHA256.fullmatch(sha256):
         raise StoreError(f"invalid manifest: '{where}sha256' of {path} is not a sha256 hex digest")
     splits = _require(entry, "splits", dict, where)
     if set(splits) - set(SPLITS) or not all(isinstance(v, int) and v >= 0 for v in splits.values()):
