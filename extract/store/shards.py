@@ -201,7 +201,9 @@ def write_shard(backend: str, final: Path, contents: ShardContents, *, zarr_chun
 def _write_safetensors(path: Path, contents: ShardContents) -> None:
     from safetensors.torch import save_file
 
-    save_file(contents.arrays(), str(path), metadata={"format": "mercator-kv-shard", "format_version": "1"})
+    # One metadata key: safetensors 0.8 writes metadata from a Rust HashMap, so two keys
+    # come out in either order and identical shards would get different sha256 digests.
+    save_file(contents.arrays(), str(path), metadata={"format": "mercator-kv-shard/1"})
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
