@@ -289,7 +289,9 @@ class SafetensorsShard:
         try:
             self._entries = self._read_header(expected_shapes(layout, record))
         except BaseException:
-            os.close(self._fd)
+            # close() marks the descriptor closed, so __del__ cannot close its number
+            # again after the operating system has handed it to another file.
+            self.close()
             raise
 
     def _fail(self, reason: str) -> StoreError:
