@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -242,6 +243,18 @@ def run_resume(store: Path, small_data, teacher_path):
 
     options = dict(teacher=teacher_path, data=small_data[0], heldout=small_data[1], out=store, device="cpu", shard_mb=4, progress=False)
     return run_extract(ExtractOptions(**options))
+
+
+def test_resume_with_moved_data(small_store, copy_store, small_data, teacher_path, tmp_path):
+    moved = (tmp_path / "moved-train.jsonl", tmp_path / "moved-heldout.jsonl")
+    for source, target in zip(small_data, moved):
+        shutil.copyfile(source, target)
+    store = copy_store(small_store)
+    simulate_crash(store, keep_shards=12)
+
+    result = run_resume(store, moved, teacher_path)
+    assert result.shards_resumed == 12
+    assert [r.sha256 for r in read_manifest(store).shards] == [r.sha256 for r in read_manifest(small_store).shards]
 
 
 def test_rerun_complete_store_noop(small_store, copy_store, small_data, teacher_path):

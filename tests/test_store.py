@@ -381,6 +381,20 @@ def test_fingerprint_ignores_times(manifest_json):
     assert content_fingerprint(parse_manifest(later)) == fingerprint
 
 
+def test_fingerprint_ignores_paths(manifest_json):
+    moved = copy.deepcopy(manifest_json)
+    moved["teacher"]["name_or_path"] = "/elsewhere/teacher"
+    for source in moved["dataset"]["sources"]:
+        source["path"] = "/elsewhere/" + Path(source["path"]).name
+    assert content_fingerprint(parse_manifest(moved)) == content_fingerprint(parse_manifest(manifest_json))
+
+
+def test_fingerprint_changes_with_data(manifest_json):
+    changed = copy.deepcopy(manifest_json)
+    changed["dataset"]["sources"][1]["sha256"] = "0" * 64
+    assert content_fingerprint(parse_manifest(changed)) != content_fingerprint(parse_manifest(manifest_json))
+
+
 def test_fingerprint_changes_with_shard_checksum(manifest_json):
     changed = copy.deepcopy(manifest_json)
     changed["shards"][5]["sha256"] = "f" * 64

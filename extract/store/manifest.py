@@ -109,13 +109,18 @@ class Manifest:
         return totals
 
     def identity(self) -> dict[str, Any]:
-        """Fields that define the store's content; a resume must match all of them."""
+        """Fields that define the store's content; a resume must match all of them.
+
+        Where the teacher and the data files were read from is left out, so a moved file
+        or another working directory still resumes. The teacher's identity hash and each
+        data file's sha256 stay in.
+        """
         return {
             "backend": self.backend,
             "layout": asdict(self.layout),
             "teacher": {k: v for k, v in self.teacher.items() if k != "name_or_path"},
             "tokenizer": self.tokenizer,
-            "dataset": self.dataset,
+            "dataset": {**self.dataset, "sources": _without_paths(self.dataset.get("sources"))},
             "plan": self.plan,
         }
 
@@ -140,6 +145,12 @@ class Manifest:
             "shards": [asdict(record) for record in self.shards],
             "totals": self.totals(),
         }
+
+
+def _without_paths(sources: Any) -> Any:
+    if not isinstance(sources, list):
+        return sources
+    return [{k: v for k, v in s.items() if k != "path"} if isinstance(s, dict) else s for s in sources]
 
 
 def utc_now() -> str:
