@@ -128,6 +128,9 @@ class DistillRecipe:
 
     def _check_output(self) -> None:
         check_output_directory(self.out)
+        store, out = Path(self.config.store).resolve(), self.out.resolve()
+        if store == out or out in store.parents or store in out.parents:
+            raise UserError(f"--out {self.out} and --store {self.config.store} overlap; write the run outside the store")
         if self.out.is_dir() and any(self.out.iterdir()) and not self.config.overwrite:
             raise UserError(f"output directory {self.out} is not empty; pass --overwrite or choose another --out")
 

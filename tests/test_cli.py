@@ -15,7 +15,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.cli import main as distill_main
+from distill.config import load_config
+from distill.recipe import DistillRecipe
 from extract.cli import main as extract_main
+from extract.errors import UserError
 from extract.models import tokenizer_fingerprint
 from extract.store import content_fingerprint, read_manifest
 from extract.store.manifest import parse_manifest
@@ -49,7 +52,7 @@ def assert_ok(result: CliResult) -> None:
 
 
 def assert_user_error(result: CliResult, *fragments: str) -> str:
-    """Check a bad-input exit: code 2, one ``error:`` line holding ``fragments``, no traceback."""
+    """Check a bad-input exit: code 2, one ``error:`` line containing ``fragments``, no traceback."""
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -362,6 +365,18 @@ def test_out_that_is_a_file(module, small_data, small_store, tmp_path):
     result = cli(*args)
     assert_user_error(result, f"--out {out}: {out} is a file, not a directory")
     assert out.read_text(encoding="utf-8") == "a file"
+
+
+@pytest.mark.parametrize("place", ["store", "inside-store", "above-store"])
+def test_out_overlapping_store(place, small_store, copy_store):
+    store = copy_store(small_store)
+    out = {"store": store, "inside-store": store / "run", "above-store": store.parent}[place]
+    config = load_config(None, {"store": str(store), "out": str(out), "overwrite": True, "device": "cpu"})
+
+    # The check runs first in setup, before anything is loaded or deleted.
+    with pytest.raises(UserError, match=r"--out .* and --store .* overlap; write the run outside the store"):
+        DistillRecipe(config, progress=False).setup()
+    assert verify_store(store).ok
 
 
 def test_unknown_config_key(small_store, tmp_path):
