@@ -41,7 +41,7 @@ from distill.projector import KVDimensionProjector
 from distill.record import build_record
 from distill.stream import KVBatch, KVSampleDataset, evaluation_loader, training_loader
 from distill.student import load_student, student_geometry, student_kv
-from extract.errors import UserError
+from extract.errors import UserError, check_output_directory
 from extract.models import resolve_device
 from extract.store import open_store
 from extract.store.verify import verify_store
@@ -64,7 +64,7 @@ class DistillRecipe:
 
     def setup(self) -> None:
         config = self.config
-        self._prepare_output()
+        self._check_output()
         torch.manual_seed(config.seed)
         self.device = resolve_device(config.device)
 
@@ -118,6 +118,7 @@ class DistillRecipe:
             num_workers=config.num_workers,
             pin_memory=pin,
         )
+        self._prepare_output()
         logger.info(
             "distill: %d train / %d held-out samples; teacher %d layers x %d -> student %d layers x %d; "
             "%s projector with %d parameters; loss %s",
@@ -125,10 +126,17 @@ class DistillRecipe:
             self.student_width, config.projector, self.projector.num_parameters(), config.loss,
         )
 
+    def _check_output(self) -> None:
+        check_output_directory(self.out)
+        store, out = Path(self.config.store).resolve(), self.out.resolve()
+        if store == out or out in store.parents or store in out.parents:
+            raise UserError(f"--out {self.out} and --store {self.config.store} overlap; write the run outside the store")
+        if self.out.is_dir() and any(self.out.iterdir()) and not self.config.overwrite:
+            raise UserError(f"output directory {self.out} is not empty; pass --overwrite or choose another --out")
+
     def _prepare_output(self) -> None:
+        """Empty --out (with --overwrite) after setup has checked every input, so a bad input never deletes the previous run."""
         if self.out.exists() and any(self.out.iterdir()):
-            if not self.config.overwrite:
-                raise UserError(f"output directory {self.out} is not empty; pass --overwrite or choose another --out")
             shutil.rmtree(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
 

@@ -26,7 +26,7 @@ from extract.data import (
     tokenize_rows,
 )
 from extract.embedded import resolve_model_path
-from extract.errors import UserError
+from extract.errors import UserError, check_output_directory
 from extract.logprobs import output_head, teacher_topk
 from extract.models import (
     geometry_dict,
@@ -217,6 +217,8 @@ def run_extract(opts: ExtractOptions) -> ExtractResult:
     compute_dtype = resolve_compute_dtype(opts.compute_dtype, device)
     store_dtype = dtype_name(compute_dtype) if opts.store_dtype == "auto" else opts.store_dtype
     torch_dtype(store_dtype)
+    if opts.write_store:
+        check_output_directory(opts.out)
 
     teacher_path = resolve_model_path(opts.teacher)
     config = load_config(teacher_path, trust_remote_code=opts.trust_remote_code)

@@ -34,8 +34,9 @@ MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 # manifest cannot make a reader expect absurd array sizes.
 MAX_TOPK = 1 << 16
 
-_SHARD_NAME = re.compile(r"^shards/(\d{5})\.(safetensors|zarr)$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Matched with fullmatch: "$" would also accept a trailing newline, and "\d" non-ASCII digits.
+_SHARD_NAME = re.compile(r"shards/([0-9]{5})\.(safetensors|zarr)")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -130,13 +131,18 @@ class Manifest:
         return totals
 
     def identity(self) -> dict[str, Any]:
-        """Fields that define the store's content; a resume must match all of them."""
+        """Fields that define the store's content; a resume must match all of them.
+
+        Where the teacher and the data files were read from is left out, so a moved file
+        or another working directory still resumes. The teacher's identity hash and each
+        data file's sha256 stay in.
+        """
         return {
             "backend": self.backend,
             "layout": asdict(self.layout),
             "teacher": {k: v for k, v in self.teacher.items() if k != "name_or_path"},
             "tokenizer": self.tokenizer,
-            "dataset": self.dataset,
+            "dataset": {**self.dataset, "sources": _without_paths(self.dataset.get("sources"))},
             "plan": self.plan,
         }
 
@@ -162,6 +168,12 @@ class Manifest:
             "shards": [asdict(record) for record in self.shards],
             "totals": self.totals(),
         }
+
+
+def _without_paths(sources: Any) -> Any:
+    if not isinstance(sources, list):
+        return sources
+    return [{k: v for k, v in s.items() if k != "path"} if isinstance(s, dict) else s for s in sources]
 
 
 def utc_now() -> str:
@@ -236,7 +248,7 @@ def parse_manifest(obj: Any) -> Manifest:
 
     plan = _require(obj, "plan", dict, "")
     planned_shards = _count(plan, "shards", "plan.", upper=10**6)
-    shards = [_parse_shard(entry, position) for position, entry in enumerate(_require(obj, "shards", list, ""))]
+    shards = [_parse_shard(entry, position, backend) for position, entry in enumerate(_require(obj, "shards", list, ""))]
     if len(shards) > planned_shards:
         raise StoreError(f"invalid manifest: {len(shards)} shards listed but the plan has {planned_shards}")
     complete = _require(obj, "complete", bool, "")
@@ -264,12 +276,12 @@ def _bad(name: str, value: Any) -> Any:
     raise StoreError(f"invalid manifest: field '{name}' = {value!r} must be positive")
 
 
-def _parse_shard(entry: Any, position: int) -> ShardRecord:
+def _parse_shard(entry: Any, position: int, backend: str) -> ShardRecord:
     where = f"shards[{position}]."
     if not isinstance(entry, dict):
         raise StoreError(f"invalid manifest: '{where[:-1]}' must be an object")
     path = _require(entry, "path", str, where)
-    match = _SHARD_NAME.match(path)
+    match = _SHARD_NAME.fullmatch(path)
     # Only names of the exact form shards/NNNNN.ext are accepted, so no manifest can
     # point a reader outside the store (absolute paths, "..", links to elsewhere by name).
     if match is None:
@@ -279,8 +291,10 @@ def _parse_shard(entry: Any, position: int) -> ShardRecord:
     index = _count(entry, "index", where, upper=10**6)
     if index != position or int(match.group(1)) != index:
         raise StoreError(f"invalid manifest: shard {path!r} has index {index} at list position {position}")
+    if "." + match.group(2) != shard_io.BACKENDS[backend]:
+        raise StoreError(f"invalid manifest: shard {path!r} has the wrong extension for the store's {backend} backend")
     sha256 = _require(entry, "sha256", str, where)
-    if not _SHA256.match(sha256):
+    if not _SHA256.fullmatch(sha256):
         raise StoreError(f"invalid manifest: '{where}sha256' of {path} is not a sha256 hex digest")
     splits = _require(entry, "splits", dict, where)
     if set(splits) - set(SPLITS) or not all(isinstance(v, int) and v >= 0 for v in splits.values()):

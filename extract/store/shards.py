@@ -225,7 +225,9 @@ def write_shard(backend: str, final: Path, contents: ShardContents, *, zarr_chun
 def _write_safetensors(path: Path, contents: ShardContents) -> None:
     from safetensors.torch import save_file
 
-    save_file(contents.arrays(), str(path), metadata={"format": "mercator-kv-shard", "format_version": "1"})
+    # One metadata key: safetensors 0.8 writes metadata from a Rust HashMap, so two keys
+    # come out in either order and identical shards would get different sha256 digests.
+    save_file(contents.arrays(), str(path), metadata={"format": "mercator-kv-shard/1"})
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -317,7 +319,8 @@ class SafetensorsShard:
         try:
             self._entries = self._read_header(expected_shapes(layout, record))
         except BaseException:
-            # close() also marks the descriptor closed, so __del__ cannot close a reused number.
+            # close() marks the descriptor closed, so __del__ cannot close its number
+            # again after the operating system has handed it to another file.
             self.close()
             raise
 
