@@ -73,6 +73,7 @@ def make_shard(lengths, rows, sources, splits, dtype: torch.dtype, generator: to
         sample_rows=torch.tensor(rows, dtype=torch.int64),
         sample_sources=torch.tensor(sources, dtype=torch.uint8),
         sample_splits=torch.tensor([("train", "heldout").index(s) for s in splits], dtype=torch.uint8),
+        sample_answer_starts=torch.tensor([length // 2 for length in lengths], dtype=torch.int64),
     )
 
 
