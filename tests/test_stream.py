@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from distill.stream import (
+    KVSample,
     KVSampleDataset,
     StepBatchSampler,
     collate_samples,
@@ -19,10 +20,10 @@ from distill.stream import (
 from extract.store import open_store
 
 
-def _item(sample_id: int, length: int, token_shape=(2, 2, 3, 4)) -> tuple[int, torch.Tensor, torch.Tensor]:
+def _item(sample_id: int, length: int, token_shape=(2, 2, 3, 4)) -> KVSample:
     token_ids = torch.arange(1, length + 1, dtype=torch.int32) + 100 * sample_id
     kv = torch.full((length, *token_shape), float(sample_id + 1))
-    return sample_id, token_ids, kv
+    return KVSample(sample_id, token_ids, kv, answer_start=0, topk=None)
 
 
 # Collation.
@@ -46,8 +47,8 @@ def test_collate_pads_on_the_right():
 
 
 def test_collate_keeps_store_dtype():
-    sample_id, token_ids, kv = _item(0, 2)
-    batch = collate_samples([(sample_id, token_ids, kv.to(torch.bfloat16))])
+    item = _item(0, 2)
+    batch = collate_samples([item._replace(kv=item.kv.to(torch.bfloat16))])
     assert batch.teacher_kv.dtype == torch.bfloat16
 
 
@@ -179,7 +180,7 @@ def test_item_reads_only_its_sample(small_store, copy_store):
 
         dataset = KVSampleDataset(store, [sample_id])
         read_before = _bytes_read()
-        returned_id, token_ids, kv = dataset[0]
+        returned_id, token_ids, kv, _, _ = dataset[0]
         read_bytes = _bytes_read() - read_before
     assert returned_id == sample_id
     assert torch.equal(kv, expected_kv)
