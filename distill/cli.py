@@ -76,6 +76,44 @@ def list_configs() -> None:
         click.echo(str(path))
 
 
+def sweep_config_options(function: Any) -> Any:
+    """Add the config options of ``train`` except those the sweep sets for each run itself."""
+    function = config_options(function)
+    function.__click_params__ = [p for p in function.__click_params__ if p.name not in ("out", "name", "overwrite")]
+    return function
+
+
+@main.command("sweep")
+@click.argument("grid", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Folder for the runs, sweep.md and sweep.png [default: runs/<grid file name without .yaml>].")
+@sweep_config_options
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@click.option("-v", "--verbose", count=True, help="More log output.")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings and the final summary only.")
+def sweep(grid: Path, out_dir: Path | None, no_progress: bool, verbose: int, quiet: bool, **options: Any) -> None:
+    """Train every run of a GRID file on one store, in sequence; write OUT/sweep.md and OUT/sweep.png.
+
+    Config options given here apply to every run. Finished runs with an unchanged
+    config are skipped. The exit code is 1 when a run failed.
+    """
+    configure_logging(verbose, quiet)
+
+    def body() -> int:
+        from distill.sweep import run_sweep
+
+        target = out_dir if out_dir is not None else Path("runs") / grid.stem
+        outcomes = run_sweep(grid, target, options, progress=not no_progress and not quiet)
+        click.echo((target / "sweep.md").read_text(encoding="utf-8"), nl=False)
+        counts = {status: sum(1 for o in outcomes if o.status == status) for status in ("ran", "skipped", "failed")}
+        click.echo(
+            f"sweep: {len(outcomes)} runs ({counts['ran']} ran, {counts['skipped']} skipped, {counts['failed']} failed); "
+            f"table in {target / 'sweep.md'}"
+        )
+        return 1 if counts["failed"] else 0
+
+    raise SystemExit(run_command(body))
+
+
 @main.command("eval")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--store", default=None, help="KV store to evaluate on [default: the run's store from its config.yaml].")
