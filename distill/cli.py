@@ -120,25 +120,27 @@ def sweep(grid: Path, out_dir: Path | None, no_progress: bool, verbose: int, qui
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N [default: the run's device].")
 @click.option("--eval-samples", type=int, default=None, help="Held-out samples to evaluate, 0 = all [default: the run's eval_samples].")
 @click.option("--batch-size", type=int, default=None, help="Samples per evaluation batch [default: the run's batch_size].")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="JSON file for the figures [default: RUN_DIR/eval.json].")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @click.option("-v", "--verbose", count=True, help="More log output.")
 @click.option("-q", "--quiet", is_flag=True, help="Warnings and the final summary only.")
 def evaluate(run_dir: Path, store: str | None, device: str | None, eval_samples: int | None, batch_size: int | None,
-             no_progress: bool, verbose: int, quiet: bool) -> None:
+             out: Path | None, no_progress: bool, verbose: int, quiet: bool) -> None:
     """Measure held-out KV alignment of a finished run, per layer and per KV head; write RUN_DIR/eval.json."""
     configure_logging(verbose, quiet)
 
     def body() -> None:
         from distill.eval import EVAL_FILE, evaluate_run, heldout_line
 
+        target = out if out is not None else run_dir / EVAL_FILE
         report = evaluate_run(
-            run_dir, store=store, device=device, eval_samples=eval_samples, batch_size=batch_size,
+            run_dir, store=store, device=device, eval_samples=eval_samples, batch_size=batch_size, out=target,
             progress=not no_progress and not quiet,
         )
         click.echo(heldout_line(report))
         if report["collapse_warning"]:
             click.echo(f"note: {report['collapse_warning']}")
-        click.echo(f"eval: {report['samples']} held-out samples, {report['tokens']} tokens; figures in {run_dir / EVAL_FILE}")
+        click.echo(f"eval: {report['samples']} held-out samples, {report['tokens']} tokens; figures in {target}")
 
     run_command(body)
 

@@ -138,13 +138,14 @@ def evaluate_run(
     device: str | None = None,
     eval_samples: int | None = None,
     batch_size: int | None = None,
+    out: Path | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Measure held-out alignment of a saved run, write ``RUN/eval.json`` and return its content.
+    """Measure held-out alignment of a saved run, write it to ``out`` (default ``RUN/eval.json``) and return it.
 
     Options left None take the run's own config. Raises ``UserError`` for a directory
-    that is not a finished run, a store without held-out samples, or a store or
-    student whose shapes do not fit the saved projector.
+    that is not a finished run, a store without held-out samples, a store or student
+    whose shapes do not fit the saved projector, or non-finite figures.
     """
     run_dir = Path(run_dir)
     check_run_dir(run_dir)
@@ -166,8 +167,13 @@ def evaluate_run(
         student, projector, kv_store, sample_ids,
         batch_size=config.batch_size, seed=config.seed, device=torch_device, progress=progress,
     )
+    if not all(math.isfinite(result[name]) for name in ("raw_cos", "centred_cos", "baseline_cos")):
+        raise UserError(
+            f"held-out cosines of {run_dir} are not finite (raw {result['raw_cos']}, centred {result['centred_cos']}); "
+            "the saved student or projector contains NaN or Inf, so retrain the run"
+        )
     report = _alignment_report(run_dir, config, kv_store, result, len(sample_ids))
-    _write_json_atomic(run_dir / EVAL_FILE, report)
+    _write_json_atomic(Path(out) if out is not None else run_dir / EVAL_FILE, report)
     logger.info("%s", format_alignment(result))
     for name, figures in report["per_layer"].items():
         heads = " ".join(f"{head['centred_cos']:.3f}" for head in report["per_head"][name])
@@ -206,7 +212,11 @@ def _alignment_report(
     names = result["layer_names"]
     return {
         "run": str(run_dir),
-        "store": {"path": str(config.store), "fingerprint": fingerprint, "same_as_training": None if trained_on is None else trained_on == fingerprint},
+        "store": {
+            "path": str(config.store),
+            "fingerprint": fingerprint,
+            "same_as_training": None if trained_on is None else trained_on == fingerprint,
+        },
         "samples": samples,
         "tokens": result["tokens"],
         "figures": {name: _finite_or_none(result[name]) for name in metrics},
@@ -248,14 +258,16 @@ def heldout_line(report: dict[str, Any]) -> str:
 
 
 def _write_json_atomic(path: Path, payload: Any) -> None:
-    _write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temporary file beside ``path`` and rename it, so a reader never sees a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        # mkstemp creates the file private (0600), and results are meant to be shared.
+        os.fchmod(handle, 0o644)
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
         os.replace(temporary, path)
@@ -372,7 +384,7 @@ def evaluate_gsm8k(
         "device": str(torch_device),
         "predictions": str(out),
     }
-    _write_text_atomic(Path(out), "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    write_text_atomic(Path(out), "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     _write_json_atomic(summary_path(Path(out)), summary)
     return summary
 

@@ -37,6 +37,7 @@ import yaml
 
 from distill.alignment import alignment_label, collapse_warning
 from distill.config import DistillConfig, load_config
+from distill.eval import write_text_atomic
 from extract.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -312,7 +313,7 @@ def write_table(path: Path, grid_path: Path, outcomes: list[RunOutcome]) -> None
     if failed:
         lines += ["", "## Failed runs", ""]
         lines += [f"- {outcome.name}: {outcome.error}" for outcome in failed]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def write_plot(path: Path, grid_path: Path, outcomes: list[RunOutcome]) -> bool:

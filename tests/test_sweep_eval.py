@@ -8,9 +8,12 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import save_file
 
 from distill.config import DistillConfig
+from distill.eval import evaluate_run, load_projector
 from distill.sweep import TABLE_COLUMNS, load_grid, resolve_configs, run_sweep
 from extract.errors import UserError
 from tests.conftest import run_cli
@@ -212,3 +215,19 @@ def test_remedies_grid_uses_known_keys():
     known = {f.name for f in dataclasses.fields(DistillConfig)}
     assert len(grid.runs) == 9
     assert grid.varied_keys - known <= PENDING_KEYS
+
+
+# Bad inputs to eval, in process.
+
+
+def test_eval_rejects_unfinished_run(tmp_path):
+    (tmp_path / "config.yaml").write_text("store: S\n", encoding="utf-8")
+    with pytest.raises(UserError, match="not a finished distill run: missing student, projector.safetensors"):
+        evaluate_run(tmp_path)
+
+
+def test_projector_without_metadata_rejected(tmp_path):
+    path = tmp_path / "projector.safetensors"
+    save_file({"weight": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(UserError, match="has no projector config in its metadata"):
+        load_projector(path, layer_map_seed=0)
