@@ -4,8 +4,9 @@
 ``RUN/projector.safetensors`` and its config metadata, then measures held-out
 alignment exactly as training does at its end: the same held-out samples
 (``eval_samples`` from ``RUN/config.yaml``), batch size, shuffled-pair seed and
-autocast. On the store the run was trained on, the figures therefore equal those in
-``RUN/record.yaml``. It adds per-head figures, which training does not compute.
+autocast. On the store the run was trained on and on a CPU, the figures therefore
+equal those in ``RUN/record.yaml`` up to its rounding to 6 decimals. It adds per-head
+figures, which training does not compute.
 
 ``evaluate_gsm8k`` decodes greedily from the training prompt (``GSM8K_PROMPT``) and
 scores the outputs with ``distill.gsm8k``.
