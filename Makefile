@@ -18,6 +18,10 @@ STORE ?= stores/embedded
 RUN ?= runs/embedded
 EXTRACT_ARGS ?=
 DISTILL_ARGS ?=
+SWEEP ?= runs/ablation
+SWEEP_ARGS ?=
+EVAL_DATA ?= data/gsm8k-mini/heldout.jsonl
+EVAL_ARGS ?=
 
 # The embedded problems come with their own held-out file and a shard size that
 # shows sharding on a small store; a DATA= of your own uses --heldout-fraction.
@@ -32,12 +36,14 @@ CONFIG ?= distill/configs/embedded.yaml
 endif
 CONFIG ?= distill/configs/default.yaml
 
-.PHONY: install extract distill demo test bench clean help
+.PHONY: install extract distill demo ablation eval test bench clean help
 
 help:
 	@echo "make demo      extract + distill on the embedded default (CPU, a few minutes)"
 	@echo "make extract   run the teacher once, write the KV store to STORE=$(STORE)"
 	@echo "make distill   train the student from STORE into RUN=$(RUN)"
+	@echo "make ablation  nine-run ablation on STORE into SWEEP=$(SWEEP) (CPU: about 15 min on the embedded store)"
+	@echo "make eval      GSM8K accuracy of RUN=$(RUN) on EVAL_DATA=$(EVAL_DATA)"
 	@echo "make test      run the test suite"
 	@echo "make clean     remove stores, runs and build outputs (keeps .venv)"
 
@@ -59,6 +65,13 @@ distill: $(STAMP)
 		--device $(DEVICE) --overwrite $(DISTILL_ARGS)
 
 demo: extract distill
+
+# Projector x loss grid plus hybrid and beta variants: see distill/configs/ablation.yaml.
+ablation: $(STAMP)
+	$(PY) -m distill sweep distill/configs/ablation.yaml --store $(STORE) --out $(SWEEP) --device $(DEVICE) $(SWEEP_ARGS)
+
+eval: $(STAMP)
+	$(PY) -m distill eval-gsm8k --student $(RUN) --data $(EVAL_DATA) --device $(DEVICE) $(EVAL_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

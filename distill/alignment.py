@@ -19,6 +19,12 @@ tokens of the evaluated set, per layer, and then over layers:
 Inputs follow the loss's conventions: ``[batch, layers, tokens, dim]`` (or
 ``[tokens, dim]``, ``[dim]``) with a ``[batch, tokens]`` bool mask. The trainer stacks
 K then V on the layer axis, and ``kv_layer_names`` names those rows.
+
+Given the number of KV heads, the meter also reports every metric per head: the
+layer's vector is split into ``num_heads`` equal slices of ``head_dim`` channels, in
+the order the model concatenates its heads, and each slice is scored on its own. The
+loss compares whole rows, so per-head figures are a diagnostic, for example of a
+single collapsed head that the layer mean hides.
 """
 
 from __future__ import annotations
@@ -73,11 +79,22 @@ class AlignmentMeter:
 
     ``seed`` fixes the shuffled pairing. ``layer_names``, if given, must have one name
     per row of the layer axis and is returned with the per-layer results.
+    ``num_heads``, if given, must divide the vector width and adds per-head results.
     """
 
-    def __init__(self, *, seed: int = 0, epsilon: float = 1e-8, layer_names: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        seed: int = 0,
+        epsilon: float = 1e-8,
+        layer_names: Sequence[str] | None = None,
+        num_heads: int | None = None,
+    ) -> None:
+        if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1):
+            raise ValueError(f"num_heads must be a positive integer or None, got {num_heads!r}")
         self.epsilon = epsilon
         self.layer_names = list(layer_names) if layer_names is not None else None
+        self.num_heads = num_heads
         self._generator = torch.Generator().manual_seed(seed)
         self._student_sum: Tensor | None = None
         self._teacher_sum: Tensor | None = None
@@ -85,6 +102,7 @@ class AlignmentMeter:
         self._student_mean: Tensor | None = None
         self._teacher_mean: Tensor | None = None
         self._sums: dict[str, Tensor] = {}
+        self._head_sums: dict[str, Tensor] = {}
         self._tokens = 0
         self._shuffled_tokens = 0
 
@@ -92,6 +110,8 @@ class AlignmentMeter:
         layers, _, dim = s.shape
         if self.layer_names is not None and len(self.layer_names) != layers:
             raise ValueError(f"{len(self.layer_names)} layer_names given but the input has {layers} layers")
+        if self.num_heads is not None and dim % self.num_heads:
+            raise ValueError(f"vector width {dim} is not divisible by num_heads {self.num_heads}")
         if reference is not None and tuple(reference.shape) != (layers, dim):
             raise ValueError(
                 f"input has {layers} layers of width {dim}, but earlier batches had "
@@ -122,9 +142,19 @@ class AlignmentMeter:
         self._student_mean = self._student_sum / self._mean_tokens
         self._teacher_mean = self._teacher_sum / self._mean_tokens
 
-    def _accumulate(self, name: str, per_token_cos: Tensor) -> None:
-        total = per_token_cos.sum(dim=1, dtype=torch.float64)
-        self._sums[name] = self._sums[name] + total if name in self._sums else total
+    def _accumulate(self, name: str, a: Tensor, b: Tensor) -> None:
+        """Add the token sums of cos(a, b), ``[layers, tokens, dim]`` inputs, per layer and per head."""
+        for sums, per_token_cos in self._cosines(a, b):
+            total = per_token_cos.sum(dim=1, dtype=torch.float64)
+            sums[name] = sums[name] + total if name in sums else total
+
+    def _cosines(self, a: Tensor, b: Tensor) -> list[tuple[dict[str, Tensor], Tensor]]:
+        pairs = [(self._sums, cosine(a, b, self.epsilon))]
+        if self.num_heads is not None:
+            # [layers, tokens, dim] -> [layers, tokens, heads, head_dim]; cosine gives [layers, tokens, heads].
+            head_shape = (self.num_heads, a.shape[-1] // self.num_heads)
+            pairs.append((self._head_sums, cosine(a.unflatten(-1, head_shape), b.unflatten(-1, head_shape), self.epsilon)))
+        return pairs
 
     def add(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> None:
         """Accumulate the cosine sums of one batch (pass 2).
@@ -145,10 +175,10 @@ class AlignmentMeter:
         s_centred = s - s_mean
         t_centred = t - t_mean
 
-        self._accumulate("raw_cos", cosine(s, t, self.epsilon))
-        self._accumulate("centred_cos", cosine(s_centred, t_centred, self.epsilon))
-        self._accumulate("baseline_cos", cosine(s, s_mean.expand_as(s), self.epsilon))
-        self._accumulate("teacher_baseline_cos", cosine(t, t_mean.expand_as(t), self.epsilon))
+        self._accumulate("raw_cos", s, t)
+        self._accumulate("centred_cos", s_centred, t_centred)
+        self._accumulate("baseline_cos", s, s_mean.expand_as(s))
+        self._accumulate("teacher_baseline_cos", t, t_mean.expand_as(t))
         self._tokens += s.shape[1]
 
         count = s.shape[1]
@@ -158,8 +188,8 @@ class AlignmentMeter:
         partner = torch.empty_like(order)
         partner[order] = torch.roll(order, -1)
         partner = partner.to(s.device)
-        self._accumulate("shuffled_raw_cos", cosine(s, t[:, partner], self.epsilon))
-        self._accumulate("shuffled_centred_cos", cosine(s_centred, t_centred[:, partner], self.epsilon))
+        self._accumulate("shuffled_raw_cos", s, t[:, partner])
+        self._accumulate("shuffled_centred_cos", s_centred, t_centred[:, partner])
         self._shuffled_tokens += count
 
     def result(self) -> dict[str, Any]:
@@ -168,7 +198,9 @@ class AlignmentMeter:
         Keys: each name in ``METRIC_NAMES`` (mean over layers, a float), ``tokens``
         (real tokens, not multiplied by layers), ``shuffled_tokens``, ``layer_names``,
         and ``per_layer``, a dict from each metric name to a list with one float per
-        layer. The shuffled metrics are NaN when no batch had two real tokens.
+        layer. With ``num_heads`` set, also ``num_heads`` and ``per_head``, a dict from
+        each metric name to one list per layer with one float per head. The shuffled
+        metrics are NaN when no batch had two real tokens.
 
         Raises:
             RuntimeError: before ``add`` has seen any token.
@@ -181,30 +213,32 @@ class AlignmentMeter:
                 f"pass 1 saw {self._mean_tokens} real tokens but pass 2 saw {self._tokens}. "
                 "Feed the same evaluation batches to add_means() and add()"
             )
+        if self._shuffled_tokens == 0:
+            logger.warning("no batch had two real tokens, so the shuffled-pairs baseline is NaN")
         num_layers = self._sums["raw_cos"].shape[0]
-        per_layer: dict[str, list[float]] = {}
-        overall: dict[str, float] = {}
-        for name in METRIC_NAMES:
-            if name.startswith("shuffled_"):
-                if self._shuffled_tokens == 0:
-                    logger.warning("no batch had two real tokens, so the shuffled-pairs baseline is NaN")
-                    per_layer[name] = [math.nan] * num_layers
-                    overall[name] = math.nan
-                    continue
-                means = self._sums[name] / self._shuffled_tokens
-            else:
-                means = self._sums[name] / self._tokens
-            per_layer[name] = [float(v) for v in means.cpu()]
-            overall[name] = float(means.mean().item())
+        per_layer = {name: self._means(self._sums, name, (num_layers,)).tolist() for name in METRIC_NAMES}
+        overall = {name: float(torch.tensor(values, dtype=torch.float64).mean()) for name, values in per_layer.items()}
 
         names = self.layer_names or [f"layer_{i}" for i in range(num_layers)]
-        return {
+        result: dict[str, Any] = {
             **overall,
             "tokens": self._tokens,
             "shuffled_tokens": self._shuffled_tokens,
             "layer_names": names,
             "per_layer": per_layer,
         }
+        if self.num_heads is not None:
+            shape = (num_layers, self.num_heads)
+            result["num_heads"] = self.num_heads
+            result["per_head"] = {name: self._means(self._head_sums, name, shape).tolist() for name in METRIC_NAMES}
+        return result
+
+    def _means(self, sums: dict[str, Tensor], name: str, shape: tuple[int, ...]) -> Tensor:
+        """Divide one metric's sums by its token count; NaN when a shuffled metric saw no pairs."""
+        count = self._shuffled_tokens if name.startswith("shuffled_") else self._tokens
+        if count == 0:
+            return torch.full(shape, math.nan, dtype=torch.float64)
+        return sums[name].cpu() / count
 
 
 def alignment_label(cos: float) -> str:

@@ -256,3 +256,66 @@ def test_format_alignment_labels_centred():
 
 def test_kv_layer_names():
     assert kv_layer_names(3) == ["key_0", "key_1", "key_2", "value_0", "value_1", "value_2"]
+
+
+# Per-head figures.
+
+
+def test_per_head_matches_direct_slices():
+    student, teacher = _random_kv(dim=12), _random_kv(dim=12, seed=1)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 5:] = False
+    result = _run_meter([(student, teacher, mask)], num_heads=3)
+    assert result["num_heads"] == 3
+    for head in range(3):
+        channels = slice(4 * head, 4 * head + 4)
+        direct = _direct_metrics(student[..., channels], teacher[..., channels], mask)
+        for name, values in direct.items():
+            got = [row[head] for row in result["per_head"][name]]
+            assert got == pytest.approx(values.tolist(), abs=1e-12), (name, head)
+
+
+def test_per_head_shows_collapsed_head():
+    teacher = _random_kv(tokens=50, dim=8)
+    student = teacher.clone()
+    student[..., :4] = 3.0  # head 0 of the student outputs the same vector for every token
+    result = _run_meter([(student, teacher, None)], num_heads=2)
+    for layer in range(3):
+        assert result["per_head"]["baseline_cos"][layer][0] == pytest.approx(1.0, abs=1e-12)
+        assert result["per_head"]["centred_cos"][layer][0] == pytest.approx(0.0, abs=1e-12)
+        assert result["per_head"]["centred_cos"][layer][1] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_one_head_equals_per_layer():
+    student, teacher = _random_kv(), _random_kv(seed=1)
+    result = _run_meter([(student, teacher, None)], num_heads=1)
+    for name in METRIC_NAMES:
+        assert [row[0] for row in result["per_head"][name]] == pytest.approx(result["per_layer"][name], abs=1e-12)
+
+
+def test_per_head_leaves_overall_unchanged():
+    student, teacher = _random_kv(), _random_kv(seed=1)
+    plain = _run_meter([(student, teacher, None)], seed=3)
+    with_heads = _run_meter([(student, teacher, None)], seed=3, num_heads=4)
+    for name in METRIC_NAMES:
+        assert with_heads[name] == plain[name]
+    assert "per_head" not in plain
+
+
+def test_per_head_shuffled_nan_without_pairs():
+    kv = _random_kv(batch=1, tokens=1)
+    result = _run_meter([(kv, kv.clone(), None)], num_heads=2)
+    assert all(math.isnan(value) for row in result["per_head"]["shuffled_raw_cos"] for value in row)
+
+
+def test_heads_must_divide_width():
+    meter = AlignmentMeter(num_heads=5)
+    kv = _random_kv(dim=16)
+    with pytest.raises(ValueError, match="not divisible by num_heads 5"):
+        meter.add_means(kv, kv)
+
+
+@pytest.mark.parametrize("num_heads", [0, -1, 2.0, True])
+def test_num_heads_must_be_positive_int(num_heads):
+    with pytest.raises(ValueError, match="num_heads must be a positive integer"):
+        AlignmentMeter(num_heads=num_heads)
