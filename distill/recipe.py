@@ -114,6 +114,8 @@ class DistillRecipe:
         state = checkpoint.read_state() if checkpoint else None
         if checkpoint and state:
             checkpoint.check_resumable(state, self.config, self.fingerprint)
+            # record.yaml marks a finished run, so a resumed run has none until it finishes.
+            (self.out / RECORD_FILE).unlink(missing_ok=True)
         self.train_ids = self.store.sample_ids("train")
         self.heldout_ids = self.store.sample_ids("heldout")
         if not self.train_ids:
@@ -185,10 +187,7 @@ class DistillRecipe:
 
     def _prepare_output(self) -> Checkpoint | None:
         if self.config.resume:
-            checkpoint = latest_checkpoint(self.out)
-            # record.yaml marks a finished run; until the resumed run finishes there is none.
-            (self.out / RECORD_FILE).unlink(missing_ok=True)
-            return checkpoint
+            return latest_checkpoint(self.out)
         if self.out.exists() and any(self.out.iterdir()):
             if not self.config.overwrite:
                 raise UserError(

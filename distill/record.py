@@ -90,7 +90,9 @@ def build_record(recipe: "DistillRecipe") -> dict[str, Any]:
     results["first_step_train_centred_cos_above_0_9"] = recipe.first_step_above
     results["skipped_steps"] = {"count": len(recipe.skipped_steps), "steps": list(recipe.skipped_steps)}
     if recipe.skipped_steps:
-        notes.append(f"{len(recipe.skipped_steps)} steps had a non-finite loss or gradient and were skipped")
+        notes.append(
+            f"skipped {len(recipe.skipped_steps)} of {config.steps} steps because their loss or gradient was NaN/Inf"
+        )
     results["status"] = "stopped" if recipe.stopped else "completed"
     if recipe.stopped:
         results["stop_reason"] = recipe.stopped

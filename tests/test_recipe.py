@@ -172,6 +172,7 @@ def test_resume_rejects_changed_config(uninterrupted_run, small_store, tmp_path)
     assert result.returncode == 2
     assert "student_lr: now 0.001, checkpoint 5e-05" in result.stderr
     assert "Traceback" not in result.stderr
+    assert (resumed / "record.yaml").is_file(), "a rejected resume must leave the finished run's record"
 
 
 def test_resume_rejects_other_store(uninterrupted_run, small_store, tmp_path):
@@ -220,9 +221,8 @@ def test_nan_in_store_skips_steps(small_store, copy_store, tmp_path):
     poke_nan(store, poisoned)
 
     # The shard's checksum no longer matches, so the default verification rejects the store.
-    rejected = distill_cli(store, tmp_path / "verified", "--steps", "2", "--no-progress")
-    assert rejected.returncode == 2
-    assert "failed verification" in rejected.stderr
+    with pytest.raises(UserError, match="failed verification"):
+        make_recipe(store, tmp_path / "verified", steps=2)
 
     out = tmp_path / "run"
     result = distill_cli(
@@ -249,15 +249,13 @@ def test_nan_in_store_skips_steps(small_store, copy_store, tmp_path):
 
 def test_diverging_run_stops(small_store, tmp_path):
     out = tmp_path / "run"
-    result = distill_cli(
-        small_store, out, "--steps", str(STEPS), "--student-lr", "1e30", "--projector-lr", "1e30",
-        "--max-nonfinite", "3", "--num-workers", "0", "--device", "cpu", "--no-progress",
-    )
-    assert result.returncode == 2
-    assert "error: training stopped at step 4: 3 optimizer steps in a row had a non-finite loss" in result.stderr
-    assert "Traceback" not in result.stderr
+    recipe = make_recipe(small_store, out, steps=STEPS, student_lr=1e30, projector_lr=1e30, max_nonfinite=3)
+    with pytest.raises(UserError, match="training stopped at step 4: 3 optimizer steps in a row had a non-finite loss"):
+        recipe.train()
+
     record = read_record(out)
     assert record["results"]["status"] == "stopped"
+    assert record["results"]["stop_reason"].startswith("training stopped at step 4")
     assert record["results"]["skipped_steps"] == {"count": 3, "steps": [2, 3, 4]}
     assert record["results"]["final"] is None
     assert not (out / "student").exists()
