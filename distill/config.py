@@ -22,6 +22,18 @@ from extract.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
+# Fields a resumed run may change: where outputs go, how data is read, logging,
+# checkpointing and the final evaluation. The store's content is compared through its
+# fingerprint, so a moved store resumes. A new device continues the same run with
+# other rounding (bf16 autocast on CUDA). Any other field changes what the optimizer
+# receives, so a resumed run rejects a difference there.
+RESUME_NEUTRAL_FIELDS = frozenset(
+    {
+        "store", "out", "name", "num_workers", "device", "log_every", "eval_samples", "verify_store",
+        "overwrite", "checkpoint_every", "keep_checkpoints", "resume", "max_nonfinite",
+    }
+)
+
 
 def _option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices})
@@ -57,30 +69,83 @@ class DistillConfig:
     eval_samples: int = _option(256, "Held-out samples used for the final evaluation (0 = all).")
     verify_store: bool = _option(True, "Check every shard's sha256 before training.")
     overwrite: bool = _option(False, "Replace an existing output directory.")
+    grad_accum: int = _option(1, "Micro-batches of --batch-size accumulated into one optimizer step.")
+    checkpoint_every: int = _option(0, "Save a checkpoint every N optimizer steps into OUT/checkpoints (0 = only at the end).")
+    keep_checkpoints: int = _option(2, "Complete checkpoints kept in OUT/checkpoints; older ones are deleted.")
+    resume: bool = _option(False, "Continue from the newest complete checkpoint in --out.")
+    max_nonfinite: int = _option(10, "Stop the run after this many optimizer steps in a row with a NaN/Inf loss or gradient.")
+    kv_weight: float = _option(1.0, "Weight of the KV loss; 0 is the control run without it (held-out alignment is still measured).")
+    ce_weight: float = _option(
+        0.0,
+        "Weight of the student's next-token cross-entropy (nats per target token) on answer tokens; "
+        "on all real tokens when the store has no answer mask.",
+    )
+    kd_weight: float = _option(0.0, "Weight of KL(teacher top-k || student) on real tokens; needs a store extracted with --topk-logprobs K.")
+    kd_temperature: float = _option(1.0, "Softmax temperature of both sides in the top-k KL; the KL is scaled by its square.")
+    variance_floor: float = _option(0.0, "Weight of the hinge penalty on student per-layer K/V std below the target (0 = off).")
+    # Default from the embedded default with --loss mercator --variance-floor 1.0, 2000
+    # steps on a 2-core CPU: held-out centred cosine 0.425 without the floor, 0.597 with
+    # target 0.5 and 0.744 with target 1.0 (the student keeps its initial spread).
+    variance_target: float = _option(
+        1.0, "Std target of the variance floor, as a fraction of the student's per-layer K/V std before training."
+    )
+    projector_warmup_steps: int = _option(0, "Optimizer steps that train only the projector, with the student frozen.")
 
     def validate(self) -> None:
         if not self.store:
             raise UserError("no store given: pass --store DIR (a directory written by `python -m extract`)")
-        for name in ("batch_size", "steps", "log_every"):
+        for name in ("batch_size", "steps", "log_every", "grad_accum", "keep_checkpoints", "max_nonfinite"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
-        for name in ("student_lr", "projector_lr", "alpha", "epsilon"):
+        for name in ("student_lr", "projector_lr", "alpha", "epsilon", "kd_temperature", "variance_target"):
             if not getattr(self, name) > 0:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} must be positive")
-        for name in ("beta", "weight_decay", "grad_clip", "num_workers", "eval_samples"):
+        for name in (
+            "beta", "weight_decay", "grad_clip", "num_workers", "eval_samples", "checkpoint_every",
+            "kv_weight", "ce_weight", "kd_weight", "variance_floor", "projector_warmup_steps",
+        ):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} must not be negative")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"--dropout {self.dropout} must be in [0, 1)")
         if not self.mlp_ratio > 0:
             raise UserError(f"--mlp-ratio {self.mlp_ratio} must be positive")
+        self._validate_objective()
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise UserError(f"--{f.name.replace('_', '-')} {getattr(self, f.name)!r} is not one of {', '.join(choices)}")
 
+    def _validate_objective(self) -> None:
+        if self.kv_weight == 0 and self.ce_weight == 0 and self.kd_weight == 0:
+            raise UserError("--kv-weight, --ce-weight and --kd-weight are all 0, so nothing would be trained; set at least one above 0")
+        if self.projector_warmup_steps and self.kv_weight == 0:
+            raise UserError(
+                f"--projector-warmup-steps {self.projector_warmup_steps} trains the projector through the KV loss, "
+                "but --kv-weight is 0; set --kv-weight above 0 or --projector-warmup-steps 0"
+            )
+        if self.projector_warmup_steps >= self.steps:
+            raise UserError(
+                f"--projector-warmup-steps {self.projector_warmup_steps} leaves none of the {self.steps} steps "
+                "to train the student; choose fewer warm-up steps than --steps"
+            )
+        if self.resume and self.overwrite:
+            raise UserError("--resume continues the run in --out and --overwrite deletes it; pass only one of them")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def run_changes(self, stored: dict[str, Any]) -> list[str]:
+        """List the fields that differ from a stored config and change the training trajectory, as 'key: now X, stored Y'."""
+        changes = []
+        for key, value in self.to_dict().items():
+            if key in RESUME_NEUTRAL_FIELDS:
+                continue
+            if key not in stored:
+                changes.append(f"{key}: now {value!r}, not in the checkpoint")
+            elif stored[key] != value:
+                changes.append(f"{key}: now {value!r}, checkpoint {stored[key]!r}")
+        return changes
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any]) -> DistillConfig:

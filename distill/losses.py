@@ -334,3 +334,40 @@ def build_loss(name: str, *, alpha: float = 1.0, beta: float = 0.0, epsilon: flo
         raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(LOSS_NAMES)}")
     logger.debug("built loss %s: %r", name, loss)
     return loss
+
+
+
+def _layer_variance(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean over channels of each channel's population variance over real tokens, ``[layers]``."""
+    batch = as_kv_batch(x, x.detach(), mask)
+    centred = torch.where(batch.valid, batch.student - layer_means(batch.student, batch), batch.student.new_zeros(()))
+    return (centred.square().sum(dim=(0, 2)) / batch.real_tokens).mean(dim=-1)
+
+
+def layer_std(x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Return each layer's spread of K/V over real tokens, ``[layers]``: the RMS over channels of the per-channel std.
+
+    ``x`` is ``[batch, layers, tokens, dim]`` (or 2-D/1-D as for the losses). A layer
+    whose vectors are the same for every token scores 0, which is what collapse looks
+    like.
+    """
+    return _layer_variance(x, mask).sqrt()
+
+
+def variance_floor_penalty(student: Tensor, target: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Hinge penalty on per-layer student std below ``target``, as in VICReg's variance term.
+
+    ``target`` is ``[layers]`` (or a scalar). Returns ``(penalty, std)`` where
+    ``penalty = mean_over_layers(relu(1 - std / target))``, so it is 0 while every
+    layer keeps its target spread and 1 for fully constant K/V. Dividing by the target
+    makes the weight independent of the model's K/V scale. The ratio is taken as
+    ``sqrt(var / target^2 + 1e-4)``, which keeps the gradient finite at zero variance
+    (VICReg adds the same 1e-4 under the square root). Unlike VICReg, which hinges
+    every channel, the hinge here acts on the layer's RMS std, so channels that vary
+    little by nature are not pushed up.
+    """
+    variance = _layer_variance(student, mask)
+    target = torch.as_tensor(target, dtype=variance.dtype, device=variance.device)
+    relative_std = torch.sqrt(variance / target.square() + 1e-4)
+    penalty = torch.relu(1.0 - relative_std).mean()
+    return penalty, variance.detach().sqrt()

@@ -8,14 +8,26 @@ the outputs. Features and the config keys that drive them:
   checksums checked first (``verify_store``);
 - projector (``projector``, ``mlp_ratio``, ``dropout``, ``layer_map``, ``per_layer``)
   sized from the store's manifest and the student's config;
-- loss (``loss``, ``alpha``, ``beta``, ``epsilon``); the default centres both sides per
-  layer, because 1 - raw cosine is minimised by a nearly constant student;
+- KV loss (``loss``, ``alpha``, ``beta``, ``epsilon``, ``kv_weight``); the default
+  centres both sides per layer, because 1 - raw cosine is minimised by a nearly
+  constant student;
+- token losses on the student's logits: cross-entropy on answer tokens
+  (``ce_weight``) and KL to the teacher's stored top-k (``kd_weight``,
+  ``kd_temperature``);
+- anti-collapse remedies: a variance floor on the student's K/V (``variance_floor``,
+  ``variance_target``) and a projector-only warm-up (``projector_warmup_steps``);
 - AdamW with a student group (``student_lr``) and a projector group
-  (``projector_lr``), cosine annealing over ``steps``, clipping at ``grad_clip``;
+  (``projector_lr``), cosine annealing over ``steps``, ``grad_accum`` micro-batches per
+  step, clipping at ``grad_clip``, bf16 autocast on CUDA;
+- a guard that skips the update of a step with a NaN/Inf loss or gradient (the
+  learning-rate schedule still advances) and stops after ``max_nonfinite`` in a row;
+- checkpoints (``checkpoint_every``, ``keep_checkpoints``) and exact resumption
+  (``resume``);
 - held-out evaluation with raw cosine, centred cosine and the mean-vector baseline.
 
 Outputs in ``out``: ``student/`` (Hugging Face format), ``projector.safetensors``,
-``metrics.jsonl``, ``record.yaml`` and ``config.yaml``.
+``metrics.jsonl``, ``config.yaml``, ``curves.png``, ``layers.png``, ``checkpoints/``,
+``tensorboard/`` (when installed) and ``record.yaml``, written last.
 """
 
 from __future__ import annotations
@@ -30,20 +42,34 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from distill.alignment import AlignmentMeter, alignment_label, collapse_warning, kv_layer_names
+from distill.alignment import AlignmentMeter, kv_layer_names
+from distill.checkpoint import (
+    PROJECTOR_FILE,
+    STUDENT_DIR,
+    Checkpoint,
+    latest_checkpoint,
+    restore_rng,
+    rng_json,
+    rng_tensors,
+    write_checkpoint,
+    write_training_files,
+)
 from distill.config import DistillConfig
 from distill.losses import build_loss
+from distill.monitor import INITIAL_EVAL, MetricsLog
+from distill.objective import DistillObjective
+from distill.plots import save_plots
 from distill.projector import KVDimensionProjector
 from distill.record import build_record
-from distill.stream import KVBatch, KVSampleDataset, evaluation_loader, training_loader
-from distill.student import load_student, student_geometry, student_kv
+from distill.stream import KVBatch, KVSampleDataset, collate_samples, evaluation_loader, training_loader
+from distill.student import load_student, student_forward, student_geometry
 from extract.errors import UserError, check_output_directory
 from extract.models import resolve_device
-from extract.store import open_store
+from extract.store import content_fingerprint, open_store
 from extract.store.verify import verify_store
 
 logger = logging.getLogger(__name__)
@@ -51,6 +77,7 @@ logger = logging.getLogger(__name__)
 TEACHER_KEY = "teacher"
 # Training centred cosine that the record reports the first crossing of.
 RECORD_THRESHOLD = 0.9
+RECORD_FILE = "record.yaml"
 
 
 class DistillRecipe:
@@ -59,12 +86,23 @@ class DistillRecipe:
         self.progress = progress
         self.out = Path(config.out)
         self.history: list[dict[str, Any]] = []
+        # Run state that a checkpoint carries over to a resumed run.
+        self.start_step = 0
+        self.first_step_above: int | None = None
+        self.skipped_steps: list[int] = []
+        self.nonfinite_in_a_row = 0
+        self.seconds_before = 0.0
+        self.initial: dict[str, Any] | None = None
+        self.final: dict[str, Any] | None = None
+        self.resumed_from: Checkpoint | None = None
+        self.stopped: str | None = None
+        self._rng_to_restore: tuple[dict[str, Any], dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> None:
         config = self.config
-        self._check_output()
+        checkpoint = self._check_output()
         torch.manual_seed(config.seed)
         self.device = resolve_device(config.device)
 
@@ -72,6 +110,12 @@ class DistillRecipe:
         if config.verify_store:
             self._verify_store()
         manifest = self.store.manifest
+        self.fingerprint = content_fingerprint(manifest)
+        state = checkpoint.read_state() if checkpoint else None
+        if checkpoint and state:
+            checkpoint.check_resumable(state, self.config, self.fingerprint)
+            # record.yaml marks a finished run, so a resumed run has none until it finishes.
+            (self.out / RECORD_FILE).unlink(missing_ok=True)
         self.train_ids = self.store.sample_ids("train")
         self.heldout_ids = self.store.sample_ids("heldout")
         if not self.train_ids:
@@ -81,7 +125,9 @@ class DistillRecipe:
         if config.eval_samples:
             self.heldout_ids = self.heldout_ids[: config.eval_samples]
 
-        self.student, self.tokenizer, self.student_path = load_student(config.student, manifest, self.device)
+        # A resumed run loads the student saved in the checkpoint, so its weights match bit for bit.
+        student_source = str(checkpoint.path / STUDENT_DIR) if checkpoint else config.student
+        self.student, self.tokenizer, self.student_path = load_student(student_source, manifest, self.device)
         self.student_layers, self.student_width = student_geometry(self.student)
         layout = manifest.layout
         self.projector = KVDimensionProjector(
@@ -108,35 +154,56 @@ class DistillRecipe:
         # learning rate that stays high after alignment has formed.
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config.steps)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else torch.autocast("cpu", enabled=False)
+        self.objective = DistillObjective(config, self.loss_fn, self.student.get_output_embeddings(), self.autocast)
+        if config.kd_weight > 0:
+            self.objective.check_store(self._first_training_batch(), config.store)
+        if checkpoint and state:
+            self._restore(checkpoint, state)
+        elif config.variance_floor > 0:
+            first_batch = self._first_training_batch()
+            self.student.eval()
+            with torch.no_grad():
+                student, _ = self._student_outputs(first_batch)
+            self.student.train()
+            self.objective.measure_variance_target(student, first_batch.attention_mask)
 
-        pin = self.device.type == "cuda"
+        # The sampler is indexed by micro-batch, so a resumed run reads exactly the
+        # batches the uninterrupted run would have read from its step on.
         self.train_loader = training_loader(
             KVSampleDataset(self.store, self.train_ids),
             batch_size=config.batch_size,
-            steps=config.steps,
+            steps=config.steps * config.grad_accum,
             seed=config.seed,
             num_workers=config.num_workers,
-            pin_memory=pin,
+            start_step=self.start_step * config.grad_accum,
+            pin_memory=self.device.type == "cuda",
         )
         self._prepare_output()
         logger.info(
             "distill: %d train / %d held-out samples; teacher %d layers x %d -> student %d layers x %d; "
-            "%s projector with %d parameters; loss %s",
+            "%s projector with %d parameters; objective %s",
             len(self.train_ids), len(self.heldout_ids), len(layout.layers), layout.kv_width, self.student_layers,
-            self.student_width, config.projector, self.projector.num_parameters(), config.loss,
+            self.student_width, config.projector, self.projector.num_parameters(), self.objective.summary(),
         )
 
-    def _check_output(self) -> None:
+    def _check_output(self) -> Checkpoint | None:
+        """Check --out before anything loads; return the checkpoint to resume from, if any."""
         check_output_directory(self.out)
         store, out = Path(self.config.store).resolve(), self.out.resolve()
         if store == out or out in store.parents or store in out.parents:
             raise UserError(f"--out {self.out} and --store {self.config.store} overlap; write the run outside the store")
+        if self.config.resume:
+            return latest_checkpoint(self.out)
         if self.out.is_dir() and any(self.out.iterdir()) and not self.config.overwrite:
-            raise UserError(f"output directory {self.out} is not empty; pass --overwrite or choose another --out")
+            raise UserError(
+                f"output directory {self.out} is not empty; pass --resume to continue its run, "
+                "--overwrite to replace it, or choose another --out"
+            )
+        return None
 
     def _prepare_output(self) -> None:
         """Empty --out (with --overwrite) after setup has checked every input, so a bad input never deletes the previous run."""
-        if self.out.exists() and any(self.out.iterdir()):
+        if not self.config.resume and self.out.exists() and any(self.out.iterdir()):
             shutil.rmtree(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
 
@@ -147,96 +214,171 @@ class DistillRecipe:
         if not report.ok:
             raise UserError(f"store {self.store.path} failed verification: {report.problems[0]}")
 
+    @torch.no_grad()
+    def _first_training_batch(self) -> KVBatch:
+        """Read the first ``batch_size`` training samples in store order, without a DataLoader, so no RNG is drawn."""
+        dataset = KVSampleDataset(self.store, self.train_ids[: self.config.batch_size])
+        return collate_samples([dataset[i] for i in range(len(dataset))]).to(self.device)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _restore(self, checkpoint: Checkpoint, state: dict[str, Any]) -> None:
+        """Load the projector, optimizer, scheduler and run counters of a checkpoint (the student is already loaded)."""
+        trainer_state = checkpoint.read_trainer_state()
+        self.projector.load_state_dict(load_file(str(checkpoint.path / PROJECTOR_FILE), device=str(self.device)))
+        self.optimizer.load_state_dict(trainer_state["optimizer"])
+        self.scheduler.load_state_dict(trainer_state["scheduler"])
+        self._rng_to_restore = (trainer_state["rng"], state["rng"])
+        self.start_step = state["step"]
+        self.first_step_above = state["first_step_above"]
+        self.skipped_steps = list(state["skipped_steps"])
+        self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
+        self.seconds_before = state["seconds"]
+        self.initial = state["initial"]
+        self.objective.ce_targets = state["ce_targets"]
+        if state["variance_target"] is not None:
+            self.objective.variance_target = torch.tensor(state["variance_target"], device=self.device)
+        self.resumed_from = checkpoint
+        logger.info("resuming at step %d of %d from %s", self.start_step, self.config.steps, checkpoint.path)
+
+    def _save_checkpoint(self, step: int, seconds: float) -> None:
+        state = {
+            "step": step,
+            "config": self.config.to_dict(),
+            "store_fingerprint": self.fingerprint,
+            "seconds": seconds,
+            "first_step_above": self.first_step_above,
+            "skipped_steps": self.skipped_steps,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "initial": self.initial,
+            "ce_targets": self.objective.ce_targets,
+            "variance_target": None if self.objective.variance_target is None else self.objective.variance_target.tolist(),
+            "rng": rng_json(),
+        }
+        trainer_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng_tensors()}
+
+        def write_files(folder: Path) -> None:
+            write_training_files(folder, self.student, self.tokenizer, self._projector_state(), trainer_state, state)
+
+        write_checkpoint(self.out, step, write_files, keep=self.config.keep_checkpoints)
+
     # ------------------------------------------------------------------ one step
+
+    def _student_outputs(self, batch: KVBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student K/V [batch, 2 * student_layers, tokens, width] (keys first) and its last hidden state."""
+        with self.autocast:
+            student_k, student_v, hidden = student_forward(self.student, batch.input_ids, batch.attention_mask, batch.position_ids)
+        return torch.cat([student_k, student_v], dim=1).float(), hidden
+
+    def _projected_teacher(self, batch: KVBatch) -> torch.Tensor:
+        """Projected teacher K/V, [batch, 2 * student_layers, tokens, width] (keys first)."""
+        with self.autocast:
+            teacher_k, teacher_v = batch.teacher_vectors()
+            projected_k, projected_v = self.projector.project_teacher_kv(TEACHER_KEY, teacher_k, teacher_v)
+        return torch.cat([projected_k, projected_v], dim=1).float()
 
     def _kv_pair(self, batch: KVBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Student and projected teacher K/V, each [batch, 2 * student_layers, tokens, width] (keys first)."""
-        with self.autocast:
-            student_k, student_v = student_kv(self.student, batch.input_ids, batch.attention_mask, batch.position_ids)
-            teacher_k, teacher_v = batch.teacher_vectors()
-            projected_k, projected_v = self.projector.project_teacher_kv(TEACHER_KEY, teacher_k, teacher_v)
-        student = torch.cat([student_k, student_v], dim=1).float()
-        teacher = torch.cat([projected_k, projected_v], dim=1).float()
-        return student, teacher
+        student, _ = self._student_outputs(batch)
+        return student, self._projected_teacher(batch)
+
+    def _accumulate_gradients(self, step: int, batches: Any) -> tuple[float, dict[str, float], list[int]]:
+        """Run ``grad_accum`` micro-batches forward and backward; return the total loss, mean metrics and sample ids."""
+        accumulation = self.config.grad_accum
+        frozen = step <= self.config.projector_warmup_steps
+        summed: dict[str, float] = {}
+        sample_ids: list[int] = []
+        for _ in range(accumulation):
+            batch = next(batches).to(self.device)
+            with torch.set_grad_enabled(not frozen):
+                student, hidden = self._student_outputs(batch)
+            with torch.set_grad_enabled(self.config.kv_weight > 0):
+                teacher = self._projected_teacher(batch)
+            loss, metrics = self.objective(batch, student, teacher, hidden, student_frozen=frozen)
+            if loss.requires_grad:
+                (loss / accumulation).backward()
+            for name, value in metrics.items():
+                summed[name] = summed.get(name, 0.0) + value / accumulation
+            sample_ids.extend(batch.sample_ids.tolist())
+        return summed["loss"], summed, sample_ids
 
     # ------------------------------------------------------------------ training
 
     def train(self) -> None:
         config = self.config
-        self.metrics_file = open(self.out / "metrics.jsonl", "w", encoding="utf-8")
-        self.initial = self.evaluate() if self.heldout_ids else None
-        if self.initial:
-            self._log_heldout("initial held-out", self.initial)
-        self.first_step_above = None
+        self.log = MetricsLog(self.out, resume_step=self.start_step if self.resumed_from else None)
+        self.history = self.log.history
+        if self.resumed_from is None and self.heldout_ids:
+            self.initial = self.evaluate()
+            self.log.log_heldout(INITIAL_EVAL, self.initial, at_step=0)
+        batches = iter(self.train_loader)
+        if self._rng_to_restore is not None:
+            # Restored after the loader's iterator exists, because creating it draws a
+            # worker seed from the global RNG, which the uninterrupted run did before
+            # its first step.
+            restore_rng(*self._rng_to_restore)
         self.student.train()
         self.projector.train()
+        self.optimizer.zero_grad(set_to_none=True)
         started = time.perf_counter()
-        bar = tqdm(total=config.steps, desc="distill", unit="step", disable=not self.progress, dynamic_ncols=True)
-        with logging_redirect_tqdm():
-            for step, batch in enumerate(self.train_loader, start=1):
-                batch = batch.to(self.device)
+        bar = tqdm(total=config.steps, initial=self.start_step, desc="distill", unit="step", disable=not self.progress, dynamic_ncols=True)
+        with bar, logging_redirect_tqdm():
+            for step in range(self.start_step + 1, config.steps + 1):
+                loss, metrics, sample_ids = self._accumulate_gradients(step, batches)
 
-                student, teacher = self._kv_pair(batch)
-                loss, metrics = self.loss_fn(student, teacher, batch.attention_mask)
-
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(
                     [p for group in self.optimizer.param_groups for p in group["params"]],
                     config.grad_clip if config.grad_clip > 0 else math.inf,
-                )
-                if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-                    raise UserError(
-                        f"non-finite loss or gradient at step {step} (samples {batch.sample_ids.tolist()}); "
-                        "lower the learning rates or check the store with `python -m extract verify`"
-                    )
-                self.optimizer.step()
+                ))
+                finite = math.isfinite(loss) and math.isfinite(grad_norm)
+                if finite:
+                    self.optimizer.step()
+                    self.nonfinite_in_a_row = 0
+                    if self.first_step_above is None and metrics["centred_cos"] > RECORD_THRESHOLD:
+                        self.first_step_above = step
+                else:
+                    self._skip_step(step, loss, grad_norm, sample_ids, started)
+                self.optimizer.zero_grad(set_to_none=True)
+                # A skipped step still advances the schedule, so the learning rate stays
+                # a function of the step and the run ends at the planned cosine minimum.
                 self.scheduler.step()
 
-                if self.first_step_above is None and metrics["centred_cos"] > RECORD_THRESHOLD:
-                    self.first_step_above = step
                 bar.update(1)
-                if step % config.log_every == 0 or step == config.steps:
-                    self._log_step(step, metrics, float(grad_norm), time.perf_counter() - started)
+                elapsed = self.seconds_before + time.perf_counter() - started
+                if finite and (step % config.log_every == 0 or step == config.steps):
+                    learning_rates = [group["lr"] for group in self.optimizer.param_groups]
+                    self.log.log_step(step, config.steps, metrics, grad_norm, learning_rates, len(self.skipped_steps), elapsed)
                     bar.set_postfix_str(f"loss {metrics['loss']:.4f} centred {metrics['centred_cos']:.3f}", refresh=False)
-        bar.close()
-        self.train_seconds = time.perf_counter() - started
+                if step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                    self._save_checkpoint(step, elapsed)
+        self.train_seconds = self.seconds_before + time.perf_counter() - started
         self.final = self.evaluate() if self.heldout_ids else None
         if self.final:
-            self._log_heldout("held-out", self.final)
+            self.log.log_heldout("held-out", self.final, at_step=config.steps)
 
-    def _log_step(self, step: int, metrics: dict[str, float], grad_norm: float, elapsed: float) -> None:
-        student_lr, projector_lr = (group["lr"] for group in self.optimizer.param_groups)
-        label = alignment_label(metrics["centred_cos"]) if math.isfinite(metrics["centred_cos"]) else "non-finite"
-        entry = {
-            "step": step,
-            **{k: round(v, 6) for k, v in metrics.items()},
-            "grad_norm": round(grad_norm, 6),
-            "student_lr": student_lr,
-            "projector_lr": projector_lr,
-            "label": label,
-            "seconds": round(elapsed, 3),
-        }
-        self.history.append(entry)
-        self.metrics_file.write(json.dumps(entry) + "\n")
-        self.metrics_file.flush()
-        logger.info(
-            "step %d/%d loss %.4f raw cos %.4f centred cos %.4f mag_ratio %.3f lr %.2e/%.2e %s (centred)",
-            step, self.config.steps, metrics["loss"], metrics["cos_sim"], metrics["centred_cos"],
-            metrics["mag_ratio"], student_lr, projector_lr, label,
+    def _skip_step(self, step: int, loss: float, grad_norm: float, sample_ids: list[int], started: float) -> None:
+        """Count a step whose loss or gradient is NaN/Inf; its update is dropped. Stop after too many in a row."""
+        self.skipped_steps.append(step)
+        self.nonfinite_in_a_row += 1
+        logger.warning(
+            "step %d: non-finite loss %s or gradient norm %s on samples %s; update skipped (%d in a row, %d in total)",
+            step, loss, grad_norm, sample_ids, self.nonfinite_in_a_row, len(self.skipped_steps),
         )
-
-    def _log_heldout(self, title: str, result: dict[str, Any]) -> None:
-        logger.info(
-            "%s: raw %.4f centred %.4f baseline %.4f (label %s on centred cosine; %d tokens)",
-            title, result["raw_cos"], result["centred_cos"], result["baseline_cos"],
-            alignment_label(result["centred_cos"]), result["tokens"],
+        self.log.write({
+            "step": step, "event": "nonfinite_skipped", "loss": str(loss), "grad_norm": str(grad_norm),
+            "sample_ids": sample_ids, "in_a_row": self.nonfinite_in_a_row,
+        })
+        if self.nonfinite_in_a_row < self.config.max_nonfinite:
+            return
+        self.stopped = (
+            f"training stopped at step {step}: {self.nonfinite_in_a_row} optimizer steps in a row had a non-finite "
+            f"loss or gradient (--max-nonfinite {self.config.max_nonfinite}), last on samples {sample_ids}; "
+            f"lower --student-lr/--projector-lr, or check the store with `python -m extract verify {self.config.store}`"
         )
-        warning = collapse_warning(result["raw_cos"], result["baseline_cos"])
-        if warning:
-            logger.warning("warning: %s", warning)
-        self.metrics_file.write(json.dumps({"eval": title, **{k: v for k, v in result.items() if k != "per_layer"}}) + "\n")
-        self.metrics_file.flush()
+        self.train_seconds = self.seconds_before + time.perf_counter() - started
+        self._write_record()
+        self.log.close()
+        raise UserError(self.stopped)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -266,15 +408,22 @@ class DistillRecipe:
         student_dir = self.out / "student"
         self.student.save_pretrained(student_dir)
         self.tokenizer.save_pretrained(student_dir)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.projector.state_dict().items()}
-        save_file(state, str(self.out / "projector.safetensors"), metadata={"config": json.dumps(self._projector_config())})
+        save_file(self._projector_state(), str(self.out / "projector.safetensors"), metadata={"config": json.dumps(self._projector_config())})
         with open(self.out / "config.yaml", "w", encoding="utf-8") as handle:
             yaml.safe_dump(self.config.to_dict(), handle, sort_keys=False)
-        record = build_record(self)
-        with open(self.out / "record.yaml", "w", encoding="utf-8") as handle:
-            yaml.safe_dump(record, handle, sort_keys=False)
-        self.metrics_file.close()
+        save_plots(self.out, self.history, self.final)
+        record = self._write_record()
+        self.log.close()
         return record
+
+    def _write_record(self) -> dict[str, Any]:
+        record = build_record(self)
+        with open(self.out / RECORD_FILE, "w", encoding="utf-8") as handle:
+            yaml.safe_dump(record, handle, sort_keys=False)
+        return record
+
+    def _projector_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().contiguous().cpu() for k, v in self.projector.state_dict().items()}
 
     def _projector_config(self) -> dict[str, Any]:
         layout = self.store.manifest.layout

@@ -49,13 +49,15 @@ def student_geometry(model: Any) -> tuple[int, int]:
     return geometry.num_hidden_layers, geometry.kv_width
 
 
-def student_kv(
+def student_forward(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the student with the cache on; return its keys and values as [batch, layers, tokens, kv_width].
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the student's base model with the cache on; return (keys, values, last hidden state).
 
-    The base model is called, not the LM head: the loss needs only the cache, and the
-    cached tensors keep their autograd graph.
+    Keys and values are [batch, layers, tokens, kv_width]; the hidden state is
+    [batch, tokens, hidden]. The LM head is not applied, so callers that need logits
+    apply ``model.get_output_embeddings()`` to the positions they use. The cached
+    tensors keep their autograd graph.
     """
     output = model.base_model(
         input_ids=input_ids,
@@ -63,4 +65,13 @@ def student_kv(
         position_ids=position_ids,
         use_cache=True,
     )
-    return kv_vectors(output_cache(output), model.config.num_hidden_layers)
+    keys, values = kv_vectors(output_cache(output), model.config.num_hidden_layers)
+    return keys, values, output.last_hidden_state
+
+
+def student_kv(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the student with the cache on; return its keys and values as [batch, layers, tokens, kv_width]."""
+    keys, values, _ = student_forward(model, input_ids, attention_mask, position_ids)
+    return keys, values

@@ -19,7 +19,10 @@ from distill.losses import (
     MercatorKVLoss,
     MSEKVLoss,
     build_loss,
+    layer_std,
+    variance_floor_penalty,
 )
+from distill.lm_losses import answer_cross_entropy, next_token_ids, next_token_mask, topk_kl_divergence
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DIM = 128
@@ -345,6 +348,121 @@ def test_centred_invariant_to_layer_shift(shift, seed):
     loss, _ = loss_fn(s, t, mask)
     shifted, _ = loss_fn(s + layer_shift, t - layer_shift, mask)
     assert shifted.item() == pytest.approx(loss.item(), abs=1e-9)
+
+
+# Variance floor: per-layer spread of the student's K/V over real tokens.
+
+
+def _two_layer_student() -> tuple[torch.Tensor, torch.Tensor]:
+    """Build two layers: layer 0 alternates +1 and -1 in every channel (std 1), layer 1 is constant 5 (std 0).
+
+    The fifth token is padding and contains NaN.
+    """
+    x = torch.empty(1, 2, 5, 3)
+    x[0, 0, :4] = torch.tensor([1.0, -1.0, 1.0, -1.0])[:, None]
+    x[0, 1, :4] = 5.0
+    x[0, :, 4] = math.nan
+    mask = torch.tensor([[True, True, True, True, False]])
+    return x, mask
+
+
+def test_layer_std_known_values():
+    x, mask = _two_layer_student()
+    assert layer_std(x, mask).tolist() == pytest.approx([1.0, 0.0], abs=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        # Layer 0 at or above target adds 0; a constant layer adds 1 - sqrt(1e-4) = 0.99.
+        (1.0, (0.0 + 0.99) / 2),
+        (2.0, ((1 - math.sqrt(0.25 + 1e-4)) + 0.99) / 2),
+        (0.5, (0.0 + 0.99) / 2),
+    ],
+)
+def test_variance_floor_penalty_values(target, expected):
+    x, mask = _two_layer_student()
+    penalty, std = variance_floor_penalty(x, torch.tensor([target, target]), mask)
+    assert penalty.item() == pytest.approx(expected, abs=1e-6)
+    assert std.tolist() == pytest.approx([1.0, 0.0], abs=1e-7)
+
+
+def test_variance_floor_pushes_spread_up():
+    generator = torch.Generator().manual_seed(0)
+    x = (1.0 + 1e-3 * torch.randn(1, 1, 16, 8, generator=generator)).requires_grad_(True)
+    penalty, _ = variance_floor_penalty(x, torch.tensor([1.0]))
+    penalty.backward()
+    assert torch.isfinite(x.grad).all()
+    # A gradient step against the penalty moves every token further from the mean.
+    stepped = x.detach() - 10.0 * x.grad
+    assert layer_std(stepped).item() > layer_std(x.detach()).item()
+
+
+# Token-level losses on the student's logits.
+
+
+def test_next_token_mask_and_ids():
+    input_ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+    attention = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    answer = torch.tensor([[False, False, True, False], [False, True, False, False]])
+    assert next_token_mask(attention).tolist() == [[True, True, False, False], [True, False, False, False]]
+    assert next_token_mask(attention, answer).tolist() == [[False, True, False, False], [True, False, False, False]]
+    assert next_token_ids(input_ids).tolist() == [[6, 7, 0, 0], [9, 0, 0, 0]]
+
+
+def test_answer_cross_entropy_value():
+    logits = torch.tensor([[0.0, math.log(3.0)], [math.log(3.0), 0.0]])
+    loss = answer_cross_entropy(logits, torch.tensor([1, 1]))
+    assert loss.item() == pytest.approx((-math.log(0.75) - math.log(0.25)) / 2, rel=1e-6)
+    assert answer_cross_entropy(torch.empty(0, 2), torch.empty(0, dtype=torch.long)).item() == 0.0
+
+
+def test_topk_kl_renormalises_teacher():
+    # Teacher top-2 holds 0.6 and 0.2 of its mass, so renormalised p = (0.75, 0.25);
+    # a uniform student over 4 tokens has q = 0.25 on each.
+    uniform = torch.zeros(1, 4)
+    ids = torch.tensor([[0, 1]])
+    logprobs = torch.tensor([[math.log(0.6), math.log(0.2)]])
+    kl = topk_kl_divergence(uniform, ids, logprobs)
+    assert kl.item() == pytest.approx(0.75 * math.log(3.0), rel=1e-6)
+
+
+def test_topk_kl_temperature():
+    uniform = torch.zeros(1, 4)
+    ids = torch.tensor([[0, 1]])
+    logprobs = torch.tensor([[math.log(0.6), math.log(0.2)]])
+    tempered = [math.sqrt(0.6), math.sqrt(0.2)]
+    p = [v / sum(tempered) for v in tempered]
+    expected = 4.0 * sum(pi * math.log(pi / 0.25) for pi in p)
+    assert topk_kl_divergence(uniform, ids, logprobs, temperature=2.0).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_topk_kl_zero_when_student_matches():
+    student = torch.tensor([[math.log(0.75), math.log(0.25), -1e4, -1e4]])
+    kl = topk_kl_divergence(student, torch.tensor([[0, 1]]), torch.tensor([[math.log(0.6), math.log(0.2)]]))
+    assert kl.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_topk_kl_ignores_missing_candidates():
+    student = torch.tensor([[0.0, math.log(3.0), 0.0]])  # q = (0.2, 0.6, 0.2)
+    kl = topk_kl_divergence(student, torch.tensor([[1, 2]]), torch.tensor([[0.0, -math.inf]]))
+    assert kl.item() == pytest.approx(-math.log(0.6), rel=1e-6)
+
+
+def test_topk_kl_non_negative_and_differentiable():
+    generator = torch.Generator().manual_seed(3)
+    student = torch.randn(6, 10, generator=generator, requires_grad=True)
+    ids = torch.stack([torch.randperm(10, generator=generator)[:3] for _ in range(6)])
+    logprobs = torch.log_softmax(torch.randn(6, 10, generator=generator), dim=-1).gather(-1, ids)
+    kl = topk_kl_divergence(student, ids, logprobs, temperature=1.5)
+    kl.backward()
+    assert kl.item() > 0
+    assert torch.isfinite(student.grad).all()
+
+
+def test_topk_kl_shape_mismatch_raises():
+    with pytest.raises(ValueError, match="must both be"):
+        topk_kl_divergence(torch.zeros(2, 4), torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 2))
 
 
 # The verification script users run by hand.
