@@ -258,18 +258,29 @@ def alignment_label(cos: float) -> str:
     return "Poor"
 
 
-def collapse_warning(raw_cos: float, baseline_cos: float, margin: float = 0.05) -> str | None:
-    """Return a one-line warning when raw cosine is within ``margin`` of the mean-vector baseline, else None.
+def collapse_warning(
+    raw_cos: float, baseline_cos: float, margin: float = 0.05, *, centred_cos: float | None = None, gap: float = 0.3
+) -> str | None:
+    """Return a one-line warning when raw cosine overstates alignment, else None.
 
-    In that case a constant student would score about as well, so the raw cosine
-    reflects nearly constant K/V rather than alignment.
+    It warns when raw cosine is within ``margin`` of the mean-vector baseline: a constant
+    student would score about as well, so the raw cosine reflects nearly constant K/V.
+    Given ``centred_cos``, it also warns when raw cosine exceeds centred cosine by more
+    than ``gap``: the student has kept some token-specific variation, but most of the raw
+    agreement comes from the shared per-layer mean direction.
     """
-    if abs(raw_cos - baseline_cos) > margin:
-        return None
-    return (
-        f"raw cosine {raw_cos:.3f} is within {margin:g} of the mean-vector baseline {baseline_cos:.3f}, "
-        "so the student's K/V are close to constant (collapse, not alignment). Judge by centred cosine"
-    )
+    if abs(raw_cos - baseline_cos) <= margin:
+        return (
+            f"raw cosine {raw_cos:.3f} is within {margin:g} of the mean-vector baseline {baseline_cos:.3f}, "
+            "so the student's K/V are close to constant (collapse, not alignment). Judge by centred cosine"
+        )
+    if centred_cos is not None and raw_cos - centred_cos > gap:
+        return (
+            f"raw cosine {raw_cos:.3f} exceeds centred cosine {centred_cos:.3f} by more than {gap:g} "
+            f"(mean-vector baseline {baseline_cos:.3f}), so most of the raw agreement is the shared mean "
+            "direction, a partial collapse. Judge by centred cosine"
+        )
+    return None
 
 
 def format_alignment(metrics: Mapping[str, Any]) -> str:

@@ -222,7 +222,7 @@ def _alignment_report(
         "tokens": result["tokens"],
         "figures": {name: _finite_or_none(result[name]) for name in metrics},
         "label": f"{alignment_label(result['centred_cos'])} (on held-out centred cosine)",
-        "collapse_warning": collapse_warning(result["raw_cos"], result["baseline_cos"]),
+        "collapse_warning": collapse_warning(result["raw_cos"], result["baseline_cos"], centred_cos=result["centred_cos"]),
         "per_layer": {
             layer: {name: _finite_or_none(result["per_layer"][name][i]) for name in metrics} for i, layer in enumerate(names)
         },

@@ -128,7 +128,7 @@ class MetricsLog:
             title, result["raw_cos"], result["centred_cos"], result["baseline_cos"],
             alignment_label(result["centred_cos"]), result["tokens"],
         )
-        warning = collapse_warning(result["raw_cos"], result["baseline_cos"])
+        warning = collapse_warning(result["raw_cos"], result["baseline_cos"], centred_cos=result["centred_cos"])
         if warning:
             logger.warning("warning: %s", warning)
         self.write({"eval": title, "at_step": at_step, **{k: v for k, v in result.items() if k != "per_layer"}})

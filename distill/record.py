@@ -74,7 +74,7 @@ def build_record(recipe: "DistillRecipe") -> dict[str, Any]:
     if final:
         results["label"] = f"{alignment_label(final['centred_cos'])} (on held-out centred cosine)"
         results["target_reached"] = bool(final["centred_cos"] > TARGET_CENTRED_COS)
-        warning = collapse_warning(final["raw_cos"], final["baseline_cos"])
+        warning = collapse_warning(final["raw_cos"], final["baseline_cos"], centred_cos=final["centred_cos"])
         if warning:
             notes.append(warning)
         if recipe.final and "per_layer" in recipe.final:

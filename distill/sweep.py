@@ -289,7 +289,7 @@ def table_row(outcome: RunOutcome) -> list[str]:
         return cells + ["-"] * (len(TABLE_COLUMNS) - len(cells))
     metrics = ("raw_cos", "centred_cos", "baseline_cos", "shuffled_raw_cos", "shuffled_centred_cos")
     cells += [f"{figures[name]:.4f}" if name in figures else "-" for name in metrics]
-    collapsed = collapse_warning(figures["raw_cos"], figures["baseline_cos"]) is not None
+    collapsed = collapse_warning(figures["raw_cos"], figures["baseline_cos"], centred_cos=figures["centred_cos"]) is not None
     seconds = (outcome.record() or {}).get("training", {}).get("seconds")
     cells += [alignment_label(figures["centred_cos"]), "yes" if collapsed else "no", "-" if seconds is None else f"{seconds:.1f}"]
     return cells

@@ -319,3 +319,17 @@ def test_heads_must_divide_width():
 def test_num_heads_must_be_positive_int(num_heads):
     with pytest.raises(ValueError, match="num_heads must be a positive integer"):
         AlignmentMeter(num_heads=num_heads)
+
+
+def test_collapse_warning_raw_far_above_centred():
+    # Figures of a 2000-step raw Mercator run on the embedded default: far from the
+    # baseline, yet most of the raw agreement is the shared mean direction.
+    message = collapse_warning(0.998, 0.886, centred_cos=0.425)
+    assert message is not None
+    assert "centred cosine 0.425" in message
+    assert "partial collapse" in message
+
+
+def test_collapse_warning_centred_above_raw():
+    assert collapse_warning(0.788, 0.442, centred_cos=0.981) is None
+    assert collapse_warning(0.80, 0.40, centred_cos=0.55) is None
