@@ -19,6 +19,9 @@ RUN ?= runs/embedded
 EXTRACT_ARGS ?=
 DISTILL_ARGS ?=
 SWEEP ?= runs/ablation
+REMEDIES ?= runs/remedies
+TOPK_STORE ?= stores/embedded-topk
+TOPK ?= 20
 SWEEP_ARGS ?=
 EVAL_DATA ?= data/gsm8k-mini/heldout.jsonl
 EVAL_ARGS ?=
@@ -36,13 +39,14 @@ CONFIG ?= distill/configs/embedded.yaml
 endif
 CONFIG ?= distill/configs/default.yaml
 
-.PHONY: install extract distill demo ablation eval test bench clean help
+.PHONY: install extract distill demo ablation remedies eval test bench clean help
 
 help:
 	@echo "make demo      extract + distill on the embedded default (CPU, a few minutes)"
 	@echo "make extract   run the teacher once, write the KV store to STORE=$(STORE)"
 	@echo "make distill   train the student from STORE into RUN=$(RUN)"
 	@echo "make ablation  nine-run ablation on STORE into SWEEP=$(SWEEP) (CPU: about 15 min on the embedded store)"
+	@echo "make remedies nine anti-collapse and control runs on a store with top-k log-probabilities, into REMEDIES=$(REMEDIES)"
 	@echo "make eval      GSM8K accuracy of RUN=$(RUN) on EVAL_DATA=$(EVAL_DATA)"
 	@echo "make test      run the test suite"
 	@echo "make clean     remove stores, runs and build outputs (keeps .venv)"
@@ -62,13 +66,21 @@ extract: $(STAMP)
 
 distill: $(STAMP)
 	$(PY) -m distill --config $(CONFIG) --store $(STORE) --student $(STUDENT) --out $(RUN) \
-		--device $(DEVICE) --overwrite $(DISTILL_ARGS)
+		--device $(DEVICE) $(if $(findstring --resume,$(DISTILL_ARGS)),,--overwrite) $(DISTILL_ARGS)
 
 demo: extract distill
 
 # Projector x loss grid plus hybrid and beta variants: see distill/configs/ablation.yaml.
 ablation: $(STAMP)
 	$(PY) -m distill sweep distill/configs/ablation.yaml --store $(STORE) --out $(SWEEP) --device $(DEVICE) $(SWEEP_ARGS)
+
+# Anti-collapse remedies and controls, on a store that also holds the teacher's top-k
+# log-probabilities for the logit-distillation runs.
+remedies: $(STAMP)
+	$(PY) -m extract --teacher $(TEACHER) --data $(DATA) $(if $(HELDOUT),--heldout $(HELDOUT)) \
+		--out $(TOPK_STORE) --device $(DEVICE) --format $(FORMAT) --dtype $(DTYPE) --shard-mb $(SHARD_MB) \
+		--topk-logprobs $(TOPK) $(EXTRACT_ARGS)
+	$(PY) -m distill sweep distill/configs/remedies.yaml --store $(TOPK_STORE) --out $(REMEDIES) --device $(DEVICE) $(SWEEP_ARGS)
 
 eval: $(STAMP)
 	$(PY) -m distill eval-gsm8k --student $(RUN) --data $(EVAL_DATA) --device $(DEVICE) $(EVAL_ARGS)
