@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from extract.errors import StoreError
 from extract.store import KVStore
 
 
@@ -56,8 +57,28 @@ class KVBatch:
         return self._map(torch.Tensor.pin_memory)
 
     def to(self, device: torch.device) -> "KVBatch":
+        """Move the batch to ``device`` and check there that every teacher key and value is finite.
+
+        Every batch reaches the model through this method, in training and in evaluation,
+        and on a GPU the check costs far less than it would in the loader's workers. A
+        non-finite key, value or top-k log-probability raises ``StoreError`` naming the
+        store sample.
+        """
         non_blocking = device.type == "cuda"
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+        moved = self._map(lambda t: t.to(device, non_blocking=non_blocking))
+        moved.check_finite()
+        return moved
+
+    def check_finite(self) -> None:
+        finite = torch.isfinite(self.teacher_kv).flatten(1).all(dim=1)
+        if self.topk_logprobs is not None:
+            finite &= torch.isfinite(self.topk_logprobs).flatten(1).all(dim=1)
+        if not bool(finite.all()):
+            sample_id = int(self.sample_ids[~finite][0])
+            raise StoreError(
+                f"the teacher keys, values or top-k log-probabilities of store sample {sample_id} contain NaN or Inf; "
+                "run `python -m extract verify` on the store to list every damaged sample, then re-extract it"
+            )
 
     def teacher_vectors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher keys and values as [batch, layers, tokens, kv_heads * head_dim]."""

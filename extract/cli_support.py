@@ -52,7 +52,7 @@ def run_command(function: Callable[[], Any]) -> Any:
     try:
         return function()
     except UserError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {_user_message(exc)}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted; finished shards and checkpoints are kept, rerun the same command to resume", err=True)
@@ -62,3 +62,21 @@ def run_command(function: Callable[[], Any]) -> Any:
         target = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         click.echo(f"error: {exc.strerror or exc}{target}; completed work is kept, fix the cause and rerun", err=True)
         sys.exit(1)
+
+
+def _user_message(exc: UserError) -> str:
+    """Return the message of ``exc``, unwrapping one that a DataLoader worker raised.
+
+    torch re-raises a worker's exception in the main process as the same type with the
+    message "Caught <type> in DataLoader worker process N. Original Traceback ...", whose
+    last matching line is "<module>.<type>: <original message>".
+    """
+    text = str(exc)
+    if "\n" not in text:
+        return text
+    logging.getLogger(__name__).debug("%s", text)
+    prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    for line in reversed(text.splitlines()):
+        if line.startswith(prefix):
+            return line[len(prefix) :]
+    return text

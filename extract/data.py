@@ -28,6 +28,13 @@ LONG_SAMPLE_POLICIES = ("truncate", "skip", "error")
 # Characters kept per allowed token before tokenising: a bound on the work a single
 # huge line can cause. Byte-level BPE tokens are far shorter than this on real text.
 _CHARS_PER_TOKEN_BOUND = 64
+# A line is read into memory only up to max(_MIN_LINE_BYTES, _LINE_BYTES_PER_CHAR * max_chars)
+# bytes. A longer line is a bad row, skipped without being read whole. The bound leaves
+# room for JSON escapes (up to 12 bytes per character) and fields that are not rendered.
+_MIN_LINE_BYTES = 16 * 1024 * 1024
+_LINE_BYTES_PER_CHAR = 16
+_UTF8_BOM = b"\xef\xbb\xbf"
+_LOGGED_SKIPS = 20
 
 
 def strip_annotations(text: str) -> str:
@@ -49,6 +56,7 @@ class InputRow:
     split: str
     text: str
     answer_char: int = 0
+    line: int = 0
 
 
 @dataclass
@@ -59,8 +67,14 @@ class ReadStats:
     blank: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
 
-    def skip(self, reason: str) -> None:
+    def skip(self, reason: str, detail: str) -> None:
+        """Count a skipped row; log the first ``_LOGGED_SKIPS`` of them, then only count."""
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        total = sum(self.skipped.values())
+        if total <= _LOGGED_SKIPS:
+            logger.warning("skipping %s", detail)
+        if total == _LOGGED_SKIPS:
+            logger.warning("further skipped rows are counted in the summary but not logged")
 
 
 def format_row(obj: Any, *, strip: bool) -> str:
@@ -76,26 +90,31 @@ def render_row(obj: Any, *, strip: bool) -> tuple[str, int]:
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     if "question" in obj or "answer" in obj:
-        question, answer = obj.get("question"), obj.get("answer")
-        if not isinstance(question, str) or not isinstance(answer, str):
-            raise ValueError("fields 'question' and 'answer' must both be strings")
-        if not question.strip():
-            raise ValueError("field 'question' is empty")
-        if not answer.strip():
-            raise ValueError("field 'answer' is empty")
+        question, answer = (_string_field(obj, name) for name in ("question", "answer"))
         if strip:
             answer = strip_annotations(answer)
         text = GSM8K_TEMPLATE.format(question=question.strip(), answer=answer.strip())
         prefix = GSM8K_TEMPLATE.split("{answer}")[0].format(question=question.strip())
         return text, len(prefix)
     if "text" in obj:
-        text = obj["text"]
-        if not isinstance(text, str):
-            raise ValueError("field 'text' must be a string")
-        if not text.strip():
-            raise ValueError("field 'text' is empty")
-        return text, 0
+        return _string_field(obj, "text"), 0
     raise ValueError(f"no 'question'/'answer' or 'text' field (keys: {sorted(obj)[:5]})")
+
+
+def _string_field(obj: dict[str, Any], name: str) -> str:
+    if name not in obj:
+        raise ValueError(f"field '{name}' is missing")
+    value = obj[name]
+    if not isinstance(value, str):
+        raise ValueError(f"field '{name}' must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"field '{name}' is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # JSON may escape a lone UTF-16 surrogate ("\\ud800"), which no tokenizer accepts.
+        raise ValueError(f"field '{name}' contains an unpaired surrogate {value[exc.start]!r}, which is not valid Unicode") from None
+    return value
 
 
 def file_sha256(path: Path) -> str:
@@ -117,41 +136,79 @@ def read_jsonl(
     stats: ReadStats,
     limit: int | None = None,
 ) -> list[InputRow]:
-    """Read one JSONL file; rows are numbered from 0 among non-blank lines, as GSM8K tools do."""
+    """Read one JSONL file; rows are numbered from 0 among non-blank lines, as GSM8K tools do.
+
+    Memory stays bounded whatever the file holds: a line longer than the line limit is a
+    bad row and is skipped in blocks, never read whole.
+    """
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
+    max_line_bytes = max(_MIN_LINE_BYTES, _LINE_BYTES_PER_CHAR * max_chars)
     rows: list[InputRow] = []
     row = 0
+    line_number = 0
     with open(path, "rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            if limit is not None and len(rows) >= limit:
+        while limit is None or len(rows) < limit:
+            raw = handle.readline(max_line_bytes + 1)
+            if not raw:
                 break
-            if not raw.strip():
+            line_number += 1
+            if line_number == 1 and raw.startswith(_UTF8_BOM):
+                raw = raw[len(_UTF8_BOM) :]
+            if len(raw) > max_line_bytes:
+                _skip_rest_of_line(handle, raw)
+                reason, detail = "line too long", f"line is longer than {max_line_bytes} bytes, the limit for one row"
+            elif not raw.strip():
                 stats.blank += 1
                 continue
-            try:
-                text, answer_char = render_row(json.loads(raw.decode("utf-8")), strip=strip)
-            except UnicodeDecodeError as exc:
-                reason, detail = "not UTF-8", f"bytes are not valid UTF-8 at offset {exc.start}"
-            except json.JSONDecodeError as exc:
-                reason, detail = "invalid JSON", f"invalid JSON ({exc.msg} at column {exc.colno})"
-            except (ValueError, RecursionError) as exc:
-                reason, detail = "invalid row", str(exc)
             else:
-                # A cut that removes the whole answer leaves answer_char past the end of
-                # the text, so tokenize_rows gives that sample no answer tokens.
-                if len(text) > max_chars:
-                    text = text[:max_chars]
-                rows.append(InputRow(source, row, split, text, answer_char))
-                row += 1
-                continue
+                try:
+                    text, answer_char = render_row(json.loads(raw.rstrip(b"\r\n").decode("utf-8")), strip=strip)
+                except UnicodeDecodeError as exc:
+                    reason, detail = "not UTF-8", f"bytes are not valid UTF-8 at offset {exc.start}"
+                except json.JSONDecodeError as exc:
+                    reason, detail = "invalid JSON", f"invalid JSON ({exc.msg} at column {exc.colno})"
+                except (ValueError, RecursionError) as exc:
+                    reason, detail = "invalid row", str(exc)
+                else:
+                    # A cut that removes the whole answer leaves answer_char past the end of
+                    # the text, so tokenize_rows gives that sample no answer tokens.
+                    rows.append(InputRow(source, row, split, text[:max_chars], answer_char, line_number))
+                    row += 1
+                    continue
             if on_bad_row == "error":
                 raise DataError(f"{path} line {line_number}: {detail}; fix the row or pass --skip-bad-rows")
-            logger.warning("skipping %s line %d: %s", path, line_number, detail)
-            stats.skip(reason)
+            stats.skip(reason, f"{path} line {line_number}: {detail}")
             row += 1
     stats.rows += len(rows)
     return rows
+
+
+def _skip_rest_of_line(handle: Any, start: bytes) -> None:
+    block = start
+    while block and not block.endswith(b"\n"):
+        block = handle.readline(1 << 20)
+
+
+def drop_duplicates(rows: list[InputRow], paths: Sequence[Path], *, on_bad_row: str, stats: ReadStats) -> list[InputRow]:
+    """Keep the first of rows whose text is identical, across all inputs; a repeat is a bad row.
+
+    A repeat inside the training rows weights one problem twice, and a held-out row that
+    repeats a training row makes the held-out figures measure memory, not alignment.
+    """
+    first_seen: dict[str, InputRow] = {}
+    unique_rows = []
+    for row in rows:
+        first = first_seen.setdefault(row.text, row)
+        if first is row:
+            unique_rows.append(row)
+            continue
+        detail = f"{paths[row.source]} line {row.line} repeats {paths[first.source]} line {first.line}"
+        if on_bad_row == "error":
+            raise DataError(f"{detail}; remove the repeat or pass --skip-bad-rows")
+        stats.skip("duplicate", detail)
+    stats.rows -= len(rows) - len(unique_rows)
+    return unique_rows
 
 
 def assign_heldout(rows: list[InputRow], fraction: float, seed: int) -> list[InputRow]:
@@ -194,13 +251,15 @@ def tokenize_rows(
     on_long: str,
     append_eos: bool,
     stats: TokenizeStats,
+    paths: Sequence[Path] = (),
     batch_size: int = 1024,
 ) -> list[TokenizedSample]:
     """Tokenise rows with the teacher's tokenizer: the template text, then EOS when requested.
 
     Each sample's answer start comes from the tokenizer's offset mapping: it is the first
     token whose character span ends inside the answer, so a BPE token that merges the
-    space before the answer with its first word counts as an answer token.
+    space before the answer with its first word counts as an answer token. ``paths``
+    (input files by source index) name the file in messages about a row.
     """
     eos = tokenizer.eos_token_id if append_eos else None
     if append_eos and eos is None:
@@ -215,12 +274,14 @@ def tokenize_rows(
             if answer_start is None:
                 answer_start = len(ids)
             if len(ids) > max_length:
+                where = f"{paths[row.source]} line {row.line}" if row.source < len(paths) else f"source {row.source} row {row.row}"
                 if on_long == "error":
                     raise DataError(
-                        f"source {row.source} row {row.row}: {len(ids)} tokens exceed --max-length {max_length}; "
+                        f"{where}: {len(ids)} tokens exceed --max-length {max_length}; "
                         "raise --max-length or pass --on-long truncate/skip"
                     )
                 if on_long == "skip":
+                    logger.debug("skipping %s: %d tokens exceed --max-length %d", where, len(ids), max_length)
                     stats.skipped_long += 1
                     continue
                 stats.truncated += 1

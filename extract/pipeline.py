@@ -20,6 +20,7 @@ from extract.data import (
     TokenizeStats,
     assign_heldout,
     dataset_fingerprint,
+    drop_duplicates,
     file_sha256,
     max_chars_for,
     read_jsonl,
@@ -123,18 +124,26 @@ def _read_samples(opts: ExtractOptions, tokenizer: Any) -> tuple[list, list[dict
     common = dict(strip=opts.strip_annotations, on_bad_row=opts.on_bad_row, max_chars=max_chars_for(opts.max_length), stats=stats)
     sources = [{"path": str(opts.data), "sha256": file_sha256(opts.data) if opts.data.is_file() else "", "split": "train"}]
     rows = read_jsonl(opts.data, source=0, split="train", limit=opts.limit, **common)
+    paths = [opts.data]
     if opts.heldout is not None:
         sources.append({"path": str(opts.heldout), "sha256": file_sha256(opts.heldout) if opts.heldout.is_file() else "", "split": "heldout"})
         rows += read_jsonl(opts.heldout, source=1, split="heldout", **common)
-    else:
+        paths.append(opts.heldout)
+    rows = drop_duplicates(rows, paths, on_bad_row=opts.on_bad_row, stats=stats)
+    if opts.heldout is None:
         rows = assign_heldout(rows, opts.heldout_fraction, opts.split_seed)
         sources[0]["split"] = "mixed"
     if not rows:
         raise UserError(f"no usable rows in {opts.data}; expected JSONL rows with 'question'/'answer' or 'text'")
     token_stats = TokenizeStats()
     samples = tokenize_rows(
-        rows, tokenizer, max_length=opts.max_length, on_long=opts.on_long, append_eos=opts.append_eos, stats=token_stats
+        rows, tokenizer, max_length=opts.max_length, on_long=opts.on_long, append_eos=opts.append_eos,
+        stats=token_stats, paths=paths,
     )
+    if token_stats.skipped_long:
+        logger.warning(
+            "skipped %d samples longer than --max-length %d (--on-long skip)", token_stats.skipped_long, opts.max_length
+        )
     if not samples:
         raise UserError(f"every row of {opts.data} was skipped; see the log for the reasons")
     return samples, sources, stats, token_stats
@@ -249,7 +258,10 @@ def run_extract(opts: ExtractOptions) -> ExtractResult:
         layout.num_kv_heads, layout.head_dim, store_dtype, layout.topk_bytes_per_token, layout.topk,
     )
 
-    result = ExtractResult(manifest=requested, store=opts.out, truncated=token_stats.truncated, skipped=dict(read_stats.skipped))
+    skipped = dict(read_stats.skipped)
+    if token_stats.skipped_long:
+        skipped[f"longer than --max-length {opts.max_length}"] = token_stats.skipped_long
+    result = ExtractResult(manifest=requested, store=opts.out, truncated=token_stats.truncated, skipped=skipped)
     if not opts.write_store:
         _run_teacher(opts, teacher_path, device, compute_dtype, layout, shards, None, result)
         result.seconds = time.perf_counter() - started

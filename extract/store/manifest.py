@@ -10,6 +10,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -315,6 +316,8 @@ def _parse_shard(entry: Any, position: int, backend: str) -> ShardRecord:
 
 def read_manifest(store_dir: Path) -> Manifest:
     path = Path(store_dir) / MANIFEST_NAME
+    if path.is_symlink():
+        raise StoreError(f"{path} is a symbolic link to {os.readlink(path)}; a store's manifest must be a file inside the store")
     if not path.is_file():
         raise StoreError(f"no store manifest at {path}: not a KV store, or extraction never completed a shard")
     size = path.stat().st_size
@@ -332,8 +335,6 @@ def write_manifest(store_dir: Path, manifest: Manifest) -> None:
     manifest.updated = utc_now()
     data = json.dumps(manifest.to_json(), indent=2, sort_keys=False).encode("utf-8") + b"\n"
     shard_io.write_file_atomic(Path(store_dir) / MANIFEST_NAME, data)
-
-
 
 
 def content_fingerprint(manifest: Manifest) -> str:

@@ -67,8 +67,11 @@ class KVStore:
         self.samples: list[SampleRef] = []
         for record in self.manifest.shards:
             handle = self._open_shard(record)
-            index = handle.index()
-            self._check_shard_index(record, index)
+            try:
+                index = handle.index()
+                check_shard_index(record, index)
+            finally:
+                handle.close()
             offsets = index["sample_offsets"].tolist()
             rows = index["sample_rows"].tolist()
             sources = index["sample_sources"].tolist()
@@ -78,7 +81,6 @@ class KVStore:
                 self.samples.append(
                     SampleRef(record.index, offsets[i], offsets[i + 1], rows[i], sources[i], SPLITS[splits[i]], answer_starts[i])
                 )
-            handle.close()
         self._handles: dict[int, shard_io.ShardReader] = {}
 
     # Pickling support for DataLoader workers.
@@ -88,31 +90,8 @@ class KVStore:
         return state
 
     def _open_shard(self, record: ShardRecord) -> shard_io.ShardReader:
-        path = self.path / record.path
+        path = shard_io.shard_path_in_store(self.path, record)
         return shard_io.open_shard(self.manifest.backend, path, self.manifest.layout, record)
-
-    def _check_shard_index(self, record: ShardRecord, index: dict[str, torch.Tensor]) -> None:
-        offsets = index["sample_offsets"]
-        if offsets.shape != (record.samples + 1,):
-            raise StoreError(f"shard {record.path}: has {offsets.shape[0] - 1} samples, manifest says {record.samples}")
-        if int(offsets[0]) != 0 or int(offsets[-1]) != record.tokens or bool((offsets[1:] <= offsets[:-1]).any()):
-            raise StoreError(f"shard {record.path}: sample offsets are not increasing from 0 to {record.tokens}")
-        splits = index["sample_splits"]
-        if bool((splits >= len(SPLITS)).any()):
-            raise StoreError(f"shard {record.path}: unknown split code in sample_splits")
-        counts = {name: int((splits == code).sum()) for code, name in enumerate(SPLITS)}
-        if any(counts.get(name, 0) != record.splits.get(name, 0) for name in SPLITS):
-            raise StoreError(f"shard {record.path}: split counts {counts} disagree with the manifest's {record.splits}")
-        answer_starts = index.get(shard_io.ANSWER_STARTS)
-        if answer_starts is not None:
-            lengths = offsets[1:] - offsets[:-1]
-            outside = ((answer_starts < 0) | (answer_starts > lengths)).nonzero().flatten().tolist()
-            if outside:
-                sample = outside[0]
-                raise StoreError(
-                    f"shard {record.path}: sample {sample} has answer start {int(answer_starts[sample])} "
-                    f"outside its 0..{int(lengths[sample])} tokens; the shard is damaged"
-                )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -177,6 +156,31 @@ class KVStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_shard_index(record: ShardRecord, index: dict[str, torch.Tensor]) -> None:
+    """Check a shard's sample index against its manifest record; raise ``StoreError`` naming the shard."""
+    offsets = index["sample_offsets"]
+    if offsets.shape != (record.samples + 1,):
+        raise StoreError(f"shard {record.path}: has {offsets.shape[0] - 1} samples, the manifest lists {record.samples}")
+    if int(offsets[0]) != 0 or int(offsets[-1]) != record.tokens or bool((offsets[1:] <= offsets[:-1]).any()):
+        raise StoreError(f"shard {record.path}: sample offsets are not increasing from 0 to {record.tokens}")
+    splits = index["sample_splits"]
+    if bool((splits >= len(SPLITS)).any()):
+        raise StoreError(f"shard {record.path}: unknown split code in sample_splits")
+    counts = {name: int((splits == code).sum()) for code, name in enumerate(SPLITS)}
+    if any(counts.get(name, 0) != record.splits.get(name, 0) for name in SPLITS):
+        raise StoreError(f"shard {record.path}: split counts {counts} disagree with the manifest's {record.splits}")
+    answer_starts = index.get(shard_io.ANSWER_STARTS)
+    if answer_starts is not None:
+        lengths = offsets[1:] - offsets[:-1]
+        outside = ((answer_starts < 0) | (answer_starts > lengths)).nonzero().flatten().tolist()
+        if outside:
+            sample = outside[0]
+            raise StoreError(
+                f"shard {record.path}: sample {sample} has answer start {int(answer_starts[sample])} "
+                f"outside its 0..{int(lengths[sample])} tokens; the shard is damaged"
+            )
 
 
 def open_store(path: str | os.PathLike[str], *, allow_partial: bool = False) -> KVStore:

@@ -41,10 +41,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -75,6 +76,7 @@ SAMPLE_ARRAYS = ("sample_offsets", "sample_rows", "sample_sources", "sample_spli
 # Per-token arrays that Zarr chunks along tokens, so a sample read touches only its chunks.
 TOKEN_CHUNKED_ARRAYS = ("kv", *TOPK_ARRAYS)
 ZARR_CHUNK_TOKENS = 128
+SAFETENSORS_FORMAT = "mercator-kv-shard/1"
 _HASH_BLOCK = 8 * 1024 * 1024
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -151,7 +153,9 @@ def fsync_dir(path: Path) -> None:
 def write_file_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
+    # Exclusive creation never follows a link that a previous occupant left at the name.
+    tmp.unlink(missing_ok=True)
+    with open(tmp, "xb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
@@ -170,6 +174,50 @@ def remove_path(path: Path) -> None:
         path.unlink()
 
 
+# ----------------------------------------------------------------------------- paths inside the store
+
+
+def shard_path_in_store(root: Path, record: "ShardRecord") -> Path:
+    """Return where shard ``record`` lives under ``root``; raise ``StoreError`` if a link leads elsewhere.
+
+    The manifest parser admits only paths of the form ``shards/NNNNN.ext``. This also
+    rejects a symbolic link at either component, so no read or delete follows a link out
+    of the store. ``shard_files`` rejects links inside a Zarr shard directory.
+    """
+    path = Path(root)
+    for part in PurePosixPath(record.path).parts:
+        path = path / part
+        if path.is_symlink():
+            raise StoreError(
+                f"shard {record.path}: {path.relative_to(root).as_posix()} is a symbolic link to {os.readlink(path)}; "
+                "every file of a store must be inside the store directory (link the whole store instead)"
+            )
+    return path
+
+
+def shard_files(path: Path) -> list[tuple[str, Path]]:
+    """List a shard's files as (relative POSIX path, path), sorted; a file shard is one entry named ''."""
+    if not path.is_dir():
+        return [("", path)]
+    files = []
+    for directory, subdirectories, names in os.walk(path):
+        for name in subdirectories + names:
+            entry = Path(directory, name)
+            if entry.is_symlink():
+                raise StoreError(
+                    f"shard {path.parent.name}/{path.name}: {entry.relative_to(path).as_posix()} is a symbolic link; "
+                    "shards must not contain links"
+                )
+        files += [(Path(directory, name).relative_to(path).as_posix(), Path(directory, name)) for name in names]
+    # Path order (component by component), which checksums of existing stores depend on.
+    return sorted(files, key=lambda item: PurePosixPath(item[0]).parts)
+
+
+def shard_disk_bytes(path: Path) -> int:
+    """Bytes of a shard on disk (the sum over a directory's files), without reading them."""
+    return sum(file.stat().st_size for _, file in shard_files(path))
+
+
 # ----------------------------------------------------------------------------- checksums
 
 
@@ -182,9 +230,7 @@ def hash_shard(path: Path) -> tuple[int, str]:
     digest = hashlib.sha256()
     total = 0
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-        for file in files:
-            relative = file.relative_to(path).as_posix()
+        for relative, file in shard_files(path):
             size = file.stat().st_size
             digest.update(f"{relative}\n{size}\n".encode())
             total += _hash_file_into(file, digest)
@@ -209,12 +255,18 @@ def write_shard(backend: str, final: Path, contents: ShardContents, *, zarr_chun
     """Write a shard under a temporary name, fsync it, rename it into place; return (bytes, sha256)."""
     tmp = temporary_path(final)
     remove_path(tmp)
-    if backend == "safetensors":
-        _write_safetensors(tmp, contents)
-    elif backend == "zarr":
-        _write_zarr(tmp, contents, zarr_chunk_tokens)
-    else:
-        raise UserError(f"unknown store backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    try:
+        if backend == "safetensors":
+            _write_safetensors(tmp, contents)
+        elif backend == "zarr":
+            _write_zarr(tmp, contents, zarr_chunk_tokens)
+        else:
+            raise UserError(f"unknown store backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            # zarr reports a full disk without the file name; name the shard being written.
+            raise OSError(exc.errno, exc.strerror, str(tmp)) from exc
+        raise
     size, sha256 = hash_shard(tmp)
     remove_path(final)
     os.replace(tmp, final)
@@ -223,11 +275,19 @@ def write_shard(backend: str, final: Path, contents: ShardContents, *, zarr_chun
 
 
 def _write_safetensors(path: Path, contents: ShardContents) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    # One metadata key: safetensors 0.8 writes metadata from a Rust HashMap, so two keys
-    # come out in either order and identical shards would get different sha256 digests.
-    save_file(contents.arrays(), str(path), metadata={"format": "mercator-kv-shard/1"})
+    try:
+        # One metadata key only: safetensors 0.8 writes metadata in hash-map order, which
+        # changes from process to process, and shard bytes must not.
+        save_file(contents.arrays(), str(path), metadata={"format": SAFETENSORS_FORMAT})
+    except SafetensorError as exc:
+        # A full disk or a file size limit arrives as SafetensorError; report it as the OSError it is.
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -283,7 +343,7 @@ def _write_zarr(path: Path, contents: ShardContents, chunk_tokens: int) -> None:
 
 
 def open_shard(backend: str, path: Path, layout: "KVLayout", record: "ShardRecord") -> ShardReader:
-    """Open one shard listed in the manifest, checking its arrays against the manifest."""
+    """Open the shard at ``path`` (from ``shard_path_in_store``), checking its arrays against the manifest."""
     if path.is_symlink():
         raise StoreError(f"shard {record.path}: is a symbolic link; shards must be regular files inside the store")
     if backend == "safetensors":
@@ -307,6 +367,13 @@ def expected_shapes(layout: "KVLayout", record: "ShardRecord") -> dict[str, tupl
         for name, dtype in TOPK_ARRAYS.items():
             shapes[name] = ((record.tokens, layout.topk), dtype)
     return shapes
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    nbytes = torch.empty((), dtype=dtype).element_size()
+    for dim in shape:
+        nbytes *= dim
+    return nbytes
 
 
 class SafetensorsShard:
@@ -360,9 +427,7 @@ class SafetensorsShard:
             if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
                 raise self._fail(f"array {name!r} has invalid data_offsets {offsets!r}")
             begin, end = offsets
-            nbytes = torch.empty((), dtype=dtype).element_size()
-            for dim in shape:
-                nbytes *= dim
+            nbytes = _nbytes(shape, dtype)
             if not 0 <= begin <= end <= data_size or end - begin != nbytes:
                 raise self._fail(
                     f"array {name!r} claims bytes {begin}..{end} but needs {nbytes} within {data_size}; the shard is truncated or damaged"
@@ -425,6 +490,16 @@ class ZarrShard:
         zarr = _zarr()
         self.record = record
         expected = expected_shapes(layout, record)
+        # Chunks are stored uncompressed and written even when empty, so the files must
+        # hold every byte the arrays need. Checking that first keeps a forged zarr.json
+        # from making zarr fill a huge array with its fill value.
+        needed = sum(_nbytes(shape, dtype) for shape, dtype in expected.values())
+        on_disk = shard_disk_bytes(path)
+        if on_disk < needed:
+            raise StoreError(
+                f"shard {record.path}: {on_disk} bytes on disk cannot hold the {needed} bytes of arrays "
+                "the manifest implies; the shard is truncated or damaged"
+            )
         try:
             group = zarr.open_group(str(path), mode="r", zarr_format=3)
             self._arrays = {name: group[name] for name in expected}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,8 +12,8 @@ import torch
 
 from extract.errors import StoreError
 from extract.store import shards as shard_io
-from extract.store.manifest import LOCK_NAME, MANIFEST_NAME, SHARD_DIR, Manifest, read_manifest
-from extract.store.reader import KVStore
+from extract.store.manifest import LOCK_NAME, MANIFEST_NAME, SHARD_DIR, Manifest, ShardRecord, read_manifest
+from extract.store.reader import check_shard_index
 
 logger = logging.getLogger(__name__)
 
@@ -63,39 +64,56 @@ def verify_store(
         )
     report.problems.extend(_stray_files(report.path, manifest))
 
-    intact = []
+    first_sample = 0
     for record in manifest.shards:
-        shard = report.path / record.path
-        if not shard.exists():
-            report.problems.append(f"shard {record.path}: missing")
-            continue
-        if shard.is_symlink():
-            report.problems.append(f"shard {record.path}: is a symbolic link")
-            continue
-        size, sha256 = shard_io.hash_shard(shard)
-        report.bytes_checked += size
-        if progress is not None:
-            progress(size)
-        if size != record.bytes:
-            report.problems.append(f"shard {record.path}: {size} bytes, the manifest lists {record.bytes}")
-        elif sha256 != record.sha256:
-            report.problems.append(f"shard {record.path}: sha256 {sha256[:16]}... does not match the manifest's {record.sha256[:16]}...")
-        else:
-            intact.append(record.index)
-        report.shards_checked += 1
-
-    if not intact:
-        return report
-    try:
-        store = KVStore(report.path, allow_partial=True)
-    except StoreError as exc:
-        report.problems.append(str(exc))
-        return report
-    with store:
-        if check_values:
-            _check_finite(store, set(intact), report)
-        report.samples_checked = sum(1 for ref in store.samples if ref.shard in intact)
+        try:
+            _verify_shard(report, manifest, record, first_sample, check_values, progress)
+        except StoreError as exc:
+            report.problems.append(str(exc))
+        except OSError as exc:
+            report.problems.append(f"shard {record.path}: cannot be read ({exc.strerror or exc})")
+        first_sample += record.samples
     return report
+
+
+def _verify_shard(
+    report: VerifyReport,
+    manifest: Manifest,
+    record: ShardRecord,
+    first_sample: int,
+    check_values: bool,
+    progress: Callable[[int], None] | None,
+) -> None:
+    """Check one listed shard; add a fault to ``report`` or raise ``StoreError`` naming the shard."""
+    shard = shard_io.shard_path_in_store(report.path, record)
+    if not shard.exists():
+        report.problems.append(f"shard {record.path}: missing")
+        return
+    report.shards_checked += 1
+    # Sizes first: a shard far larger than listed is reported without reading it.
+    on_disk = shard_io.shard_disk_bytes(shard)
+    if on_disk != record.bytes:
+        report.problems.append(f"shard {record.path}: {on_disk} bytes, the manifest lists {record.bytes}")
+        return
+    size, sha256 = shard_io.hash_shard(shard)
+    report.bytes_checked += size
+    if progress is not None:
+        progress(size)
+    if sha256 != record.sha256:
+        report.problems.append(f"shard {record.path}: sha256 {sha256[:16]}... does not match the manifest's {record.sha256[:16]}...")
+        return
+
+    handle = shard_io.open_shard(manifest.backend, shard, manifest.layout, record)
+    try:
+        index = handle.index()
+        check_shard_index(record, index)
+        report.samples_checked += record.samples
+        if check_values:
+            _check_finite(
+                handle, record, index, first_sample, report, manifest.layout.topk, manifest.teacher.get("vocab_size")
+            )
+    finally:
+        handle.close()
 
 
 def _stray_files(root: Path, manifest: Manifest) -> list[str]:
@@ -106,7 +124,9 @@ def _stray_files(root: Path, manifest: Manifest) -> list[str]:
             continue
         problems.append(f"unexpected file in the store: {entry.name}")
     shard_dir = root / SHARD_DIR
-    if shard_dir.is_dir():
+    if shard_dir.is_symlink():
+        problems.append(f"{SHARD_DIR} is a symbolic link to {os.readlink(shard_dir)}; shards must be inside the store")
+    elif shard_dir.is_dir():
         for entry in sorted(shard_dir.iterdir()):
             relative = f"{SHARD_DIR}/{entry.name}"
             if relative not in listed:
@@ -114,20 +134,29 @@ def _stray_files(root: Path, manifest: Manifest) -> list[str]:
     return problems
 
 
-def _check_finite(store: KVStore, shards: set[int], report: VerifyReport) -> None:
-    vocab_size = store.manifest.teacher.get("vocab_size")
-    for sample_id, ref in enumerate(store.samples):
-        if ref.shard not in shards:
-            continue
-        handle = store._handle(ref.shard)
-        for start in range(ref.start, ref.stop, _FINITE_CHECK_TOKENS):
-            stop = min(ref.stop, start + _FINITE_CHECK_TOKENS)
+def _check_finite(
+    handle: shard_io.ShardReader,
+    record: ShardRecord,
+    index: dict[str, torch.Tensor],
+    first_sample: int,
+    report: VerifyReport,
+    topk: int,
+    vocab_size: int | None,
+) -> None:
+    offsets = index["sample_offsets"].tolist()
+    rows = index["sample_rows"].tolist()
+    sources = index["sample_sources"].tolist()
+    for position in range(record.samples):
+        for start in range(offsets[position], offsets[position + 1], _FINITE_CHECK_TOKENS):
+            stop = min(offsets[position + 1], start + _FINITE_CHECK_TOKENS)
             problem = _kv_problem(handle.read_kv(start, stop))
-            if problem is None and store.topk:
+            if problem is None and topk:
                 problem = _topk_problem(*handle.read_topk(start, stop), vocab_size)
             if problem is not None:
-                record = store.manifest.shards[ref.shard]
-                report.problems.append(f"shard {record.path}: sample {sample_id} (input row {ref.row}) {problem}")
+                report.problems.append(
+                    f"shard {record.path}: sample {first_sample + position} (input source {sources[position]} "
+                    f"row {rows[position]}) {problem}"
+                )
                 break
 
 

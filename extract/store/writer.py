@@ -88,10 +88,16 @@ class StoreWriter:
             writer = cls(path, stored, **kwargs)
             writer._check_finished_shards()
         else:
-            if path.exists() and any(p.name not in (SHARD_DIR, LOCK_NAME) for p in path.iterdir()):
+            # A crash while the first manifest was written leaves only these names behind.
+            leftovers = (SHARD_DIR, LOCK_NAME, MANIFEST_NAME + ".tmp")
+            if path.exists() and any(p.name not in leftovers for p in path.iterdir()):
                 raise StoreError(f"{path} exists and is not a KV store (no {MANIFEST_NAME}); choose an empty or new --out")
             requested.created = utc_now()
             writer = cls(path, requested, **kwargs)
+        if (path / SHARD_DIR).is_symlink():
+            raise StoreError(
+                f"{path / SHARD_DIR} is a symbolic link; shards must be inside the store (link the whole store directory instead)"
+            )
         (path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         writer._remove_unlisted_files()
         write_manifest(path, writer.manifest)
@@ -99,9 +105,16 @@ class StoreWriter:
 
     def _check_finished_shards(self) -> None:
         for record in self.manifest.shards:
-            shard = self.path / record.path
+            shard = shard_io.shard_path_in_store(self.path, record)
             if not shard.exists():
                 raise StoreError(f"store {self.path}: finished shard {record.path} is missing; run `python -m extract verify` and restore or re-extract it")
+            # Sizes only: hashing every finished shard would make each resume reread the store.
+            size = shard_io.shard_disk_bytes(shard)
+            if size != record.bytes:
+                raise StoreError(
+                    f"store {self.path}: finished shard {record.path} has {size} bytes, the manifest lists {record.bytes}; "
+                    "run `python -m extract verify` and restore or re-extract it"
+                )
 
     def _remove_unlisted_files(self) -> None:
         """Delete temporary files and shards that a crash left behind before the manifest listed them."""
@@ -111,9 +124,7 @@ class StoreWriter:
             if relative not in listed:
                 logger.info("removing unfinished shard %s", relative)
                 shard_io.remove_path(entry)
-        leftover = self.path / (MANIFEST_NAME + ".tmp")
-        if leftover.exists():
-            leftover.unlink()
+        (self.path / (MANIFEST_NAME + ".tmp")).unlink(missing_ok=True)
 
     @property
     def finished_shards(self) -> int:
