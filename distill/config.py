@@ -51,7 +51,7 @@ class DistillConfig:
     batch_size: int = _option(4, "Samples per step.")
     steps: int = _option(1000, "Optimizer steps; the cosine schedule anneals over exactly this many.")
     seed: int = _option(0, "Seed for initialisation, shuffling and dropout.")
-    num_workers: int = _option(1, "DataLoader worker processes reading the store (0 reads in the main process).")
+    num_workers: int = _option(1, "Read training batches ahead in a background thread when 1 or more (0 reads in the training loop).")
     device: str = _option("auto", "auto, cpu, cuda or cuda:N.")
     log_every: int = _option(50, "Log training metrics every N steps.")
     eval_samples: int = _option(256, "Held-out samples used for the final evaluation (0 = all).")

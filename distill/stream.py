@@ -1,19 +1,23 @@
 """Streaming teacher KV from a store into padded training batches.
 
-Memory stays bounded whatever the store's size: a dataset item is one sample read on
-demand, a batch is ``batch_size`` samples, and the loader keeps at most
-``prefetch_factor`` batches per worker in flight.
+Memory stays bounded whatever the store's size: samples are read on demand, a batch is
+``batch_size`` samples, and the training loader keeps at most ``PREFETCH_BATCHES``
+batches in flight.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from extract.store import KVStore
+from extract.store.shards import empty_rows, torch_dtype
 
 
 @dataclass
@@ -47,18 +51,121 @@ class KVBatch:
 
 
 class KVSampleDataset(Dataset):
-    """One store sample per item: (sample id, token ids, K/V rows)."""
+    """One store sample per item: (sample id, token ids, K/V rows).
 
-    def __init__(self, store: KVStore, sample_ids: Sequence[int]) -> None:
+    With ``with_kv=False`` only token ids are read, and batches carry a teacher K/V
+    tensor with zero layers: the online-teacher mode computes the K/V itself.
+    """
+
+    def __init__(self, store: KVStore, sample_ids: Sequence[int], *, with_kv: bool = True) -> None:
         self.store = store
         self.sample_ids = list(sample_ids)
+        self.with_kv = with_kv
 
     def __len__(self) -> int:
         return len(self.sample_ids)
 
+    def _row_shape(self) -> tuple[int, ...]:
+        layers, pair, heads, head_dim = self.store.manifest.layout.token_shape
+        return (layers if self.with_kv else 0, pair, heads, head_dim)
+
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor, torch.Tensor]:
         sample_id = self.sample_ids[index]
-        return sample_id, self.store.read_token_ids(sample_id), self.store.read_kv(sample_id)
+        tokens = self.store.read_token_ids(sample_id)
+        if not self.with_kv:
+            return sample_id, tokens, torch.empty((tokens.shape[0], *self._row_shape()), dtype=self._kv_dtype())
+        return sample_id, tokens, self.store.read_kv(sample_id)
+
+    def _kv_dtype(self) -> torch.dtype:
+        return torch_dtype(self.store.manifest.layout.dtype)
+
+    def __getitems__(self, indices: list[int]) -> KVBatch:
+        """Assemble a padded batch in one call; DataLoader uses this instead of ``__getitem__`` per item."""
+        return self.read_batch(indices)
+
+    def read_batch(self, indices: Sequence[int], *, pin_memory: bool = False) -> KVBatch:
+        """Assemble a padded batch, reading each sample's K/V straight into it.
+
+        Reading into the batch saves two passes over the K/V bytes, the largest data in
+        training: a per-sample buffer and the copy into the padded batch. With
+        ``pin_memory`` the batch is allocated in page-locked memory, ready for an
+        asynchronous copy to a GPU.
+        """
+        sample_ids = [self.sample_ids[i] for i in indices]
+        tokens = [self.store.read_token_ids(sample_id) for sample_id in sample_ids]
+        longest = max(t.shape[0] for t in tokens)
+        input_ids = torch.zeros((len(tokens), longest), dtype=torch.long)
+        mask = torch.zeros((len(tokens), longest), dtype=torch.bool)
+        kv = _batch_tensor((len(tokens), longest, *self._row_shape()), self._kv_dtype(), pin_memory)
+        for i, (sample_id, ids) in enumerate(zip(sample_ids, tokens)):
+            length = ids.shape[0]
+            input_ids[i, :length] = ids
+            mask[i, :length] = True
+            if self.with_kv:
+                self.store.read_kv_into(sample_id, kv[i, :length])
+            kv[i, length:] = 0
+        batch = KVBatch(torch.tensor(sample_ids, dtype=torch.long), input_ids, mask, kv)
+        return batch.pin_memory() if pin_memory else batch
+
+
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:
+    """Allocate an uninitialised tensor for a batch's K/V.
+
+    With ``pin_memory`` it is page-locked. In a DataLoader worker process it lives in
+    shared memory, so passing it to the training process copies nothing. Otherwise it
+    comes from ``empty_rows``, which gets transparent huge pages.
+    """
+    if pin_memory:
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+    if get_worker_info() is None:
+        return empty_rows(shape, dtype)
+    numel = 1
+    for size in shape:
+        numel *= size
+    storage = torch.UntypedStorage._new_shared(numel * torch.empty((), dtype=dtype).element_size())
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+class PrefetchLoader:
+    """Training batches read ahead by one background thread, in the batch sampler's order.
+
+    A thread and not a DataLoader worker process, because reading K/V is pread and
+    memory copies, which release the GIL. A worker process would also have to pass
+    every batch through newly allocated shared memory, which gets no huge pages: on a
+    2-core KVM machine that cost several times the read itself. One thread reads at
+    the disk's speed, and more would race on the store's shard handles.
+    """
+
+    def __init__(self, dataset: KVSampleDataset, batch_sampler: Sampler[list[int]], *, depth: int, pin_memory: bool = False) -> None:
+        self.dataset = dataset
+        self.batch_sampler = batch_sampler
+        self.depth = max(1, depth)
+        self.pin_memory = pin_memory
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)  # type: ignore[arg-type]
+
+    def _read(self, indices: list[int]) -> KVBatch:
+        return self.dataset.read_batch(indices, pin_memory=self.pin_memory)
+
+    def __iter__(self) -> Iterator[KVBatch]:
+        indices = iter(self.batch_sampler)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-reader") as pool:
+            pending = deque(pool.submit(self._read, batch) for batch in islice(indices, self.depth))
+            try:
+                while pending:
+                    batch = pending.popleft().result()
+                    for following in islice(indices, 1):
+                        pending.append(pool.submit(self._read, following))
+                    yield batch
+            finally:
+                for future in pending:
+                    future.cancel()
+
+
+def collate_batch(data: KVBatch | list[tuple[int, torch.Tensor, torch.Tensor]]) -> KVBatch:
+    """Pass through a batch that ``KVSampleDataset.__getitems__`` assembled; pad a list of items otherwise."""
+    return data if isinstance(data, KVBatch) else collate_samples(data)
 
 
 def collate_samples(items: list[tuple[int, torch.Tensor, torch.Tensor]]) -> KVBatch:
@@ -114,20 +221,19 @@ class StepBatchSampler(Sampler[list[int]]):
             yield batch
 
 
+# Batches read ahead of the training step when reading in the background.
+PREFETCH_BATCHES = 4
+
+
 def training_loader(
     dataset: KVSampleDataset, *, batch_size: int, steps: int, seed: int, num_workers: int, start_step: int = 0, pin_memory: bool = False
-) -> DataLoader:
+) -> DataLoader | PrefetchLoader:
+    """Batches for ``steps`` steps; ``num_workers`` >= 1 reads ahead in a background thread, 0 reads in the loop."""
     sampler = StepBatchSampler(len(dataset), batch_size, steps, seed, start_step)
-    return DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=collate_samples,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=False,
-        prefetch_factor=4 if num_workers else None,
-    )
+    if num_workers > 0:
+        return PrefetchLoader(dataset, sampler, depth=PREFETCH_BATCHES, pin_memory=pin_memory)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_batch, num_workers=0, pin_memory=pin_memory)
 
 
 def evaluation_loader(dataset: KVSampleDataset, *, batch_size: int, num_workers: int = 0) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_samples, num_workers=num_workers)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_batch, num_workers=num_workers)
