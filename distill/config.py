@@ -56,6 +56,11 @@ class DistillConfig:
     log_every: int = _option(50, "Log training metrics every N steps.")
     eval_samples: int = _option(256, "Held-out samples used for the final evaluation (0 = all).")
     verify_store: bool = _option(True, "Check every shard's sha256 before training.")
+    online_teacher: str = _option(
+        "",
+        "Teacher (directory, hub id or 'embedded-teacher') run on each batch for the teacher K/V instead of "
+        "reading them from the store; it must be the teacher that wrote the store. Empty: off.",
+    )
     overwrite: bool = _option(False, "Replace an existing output directory.")
 
     def validate(self) -> None:

@@ -12,7 +12,9 @@ the outputs. Features and the config keys that drive them:
   layer, because 1 - raw cosine is minimised by a nearly constant student;
 - AdamW with a student group (``student_lr``) and a projector group
   (``projector_lr``), cosine annealing over ``steps``, clipping at ``grad_clip``;
-- held-out evaluation with raw cosine, centred cosine and the mean-vector baseline.
+- held-out evaluation with raw cosine, centred cosine and the mean-vector baseline;
+- online-teacher mode (``online_teacher``): the teacher runs on each batch instead of
+  the store's K/V being read (see ``distill.online``).
 
 Outputs in ``out``: ``student/`` (Hugging Face format), ``projector.safetensors``,
 ``metrics.jsonl``, ``record.yaml`` and ``config.yaml``.
@@ -37,6 +39,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from distill.alignment import AlignmentMeter, alignment_label, collapse_warning, kv_layer_names
 from distill.config import DistillConfig
 from distill.losses import build_loss
+from distill.online import load_online_teacher
 from distill.projector import KVDimensionProjector
 from distill.record import build_record
 from distill.stream import KVBatch, KVSampleDataset, evaluation_loader, training_loader
@@ -81,6 +84,7 @@ class DistillRecipe:
         if config.eval_samples:
             self.heldout_ids = self.heldout_ids[: config.eval_samples]
 
+        self.online_teacher = load_online_teacher(config.online_teacher, manifest, self.device)
         self.student, self.tokenizer, self.student_path = load_student(config.student, manifest, self.device)
         self.student_layers, self.student_width = student_geometry(self.student)
         layout = manifest.layout
@@ -111,7 +115,7 @@ class DistillRecipe:
 
         pin = self.device.type == "cuda"
         self.train_loader = training_loader(
-            KVSampleDataset(self.store, self.train_ids),
+            KVSampleDataset(self.store, self.train_ids, with_kv=self.online_teacher is None),
             batch_size=config.batch_size,
             steps=config.steps,
             seed=config.seed,
@@ -145,7 +149,7 @@ class DistillRecipe:
         """Student and projected teacher K/V, each [batch, 2 * student_layers, tokens, width] (keys first)."""
         with self.autocast:
             student_k, student_v = student_kv(self.student, batch.input_ids, batch.attention_mask, batch.position_ids)
-            teacher_k, teacher_v = batch.teacher_vectors()
+            teacher_k, teacher_v = self.online_teacher.vectors(batch) if self.online_teacher else batch.teacher_vectors()
             projected_k, projected_v = self.projector.project_teacher_kv(TEACHER_KEY, teacher_k, teacher_v)
         student = torch.cat([student_k, student_v], dim=1).float()
         teacher = torch.cat([projected_k, projected_v], dim=1).float()
@@ -239,7 +243,9 @@ class DistillRecipe:
         self.student.eval()
         self.projector.eval()
         meter = AlignmentMeter(seed=self.config.seed, layer_names=kv_layer_names(self.student_layers))
-        loader = evaluation_loader(KVSampleDataset(self.store, self.heldout_ids), batch_size=self.config.batch_size)
+        loader = evaluation_loader(
+            KVSampleDataset(self.store, self.heldout_ids, with_kv=self.online_teacher is None), batch_size=self.config.batch_size
+        )
         for add in (meter.add_means, meter.add):
             for batch in loader:
                 batch = batch.to(self.device)
