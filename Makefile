@@ -18,6 +18,7 @@ STORE ?= stores/embedded
 RUN ?= runs/embedded
 EXTRACT_ARGS ?=
 DISTILL_ARGS ?=
+BENCH_ARGS ?=
 
 # The embedded problems come with their own held-out file and a shard size that
 # shows sharding on a small store; a DATA= of your own uses --heldout-fraction.
@@ -32,13 +33,15 @@ CONFIG ?= distill/configs/embedded.yaml
 endif
 CONFIG ?= distill/configs/default.yaml
 
-.PHONY: install extract distill demo test bench clean help
+.PHONY: install extract distill demo test bench bench-smoke clean help
 
 help:
 	@echo "make demo      extract + distill on the embedded default (CPU, a few minutes)"
 	@echo "make extract   run the teacher once, write the KV store to STORE=$(STORE)"
 	@echo "make distill   train the student from STORE into RUN=$(RUN)"
 	@echo "make test      run the test suite"
+	@echo "make bench     run every benchmark (about 10 min on 2 CPU cores) and rewrite docs/benchmarks.md"
+	@echo "make bench-smoke  run every benchmark at tiny sizes (check that they run); report in build/"
 	@echo "make clean     remove stores, runs and build outputs (keeps .venv)"
 
 $(STAMP): pyproject.toml requirements.lock
@@ -62,6 +65,12 @@ demo: extract distill
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+bench-smoke: $(STAMP)
+	$(PY) -m bench.run --smoke --out build/bench-smoke.md $(BENCH_ARGS)
 
 clean:
 	rm -rf stores runs build .pytest_cache
