@@ -112,7 +112,6 @@ class ShardReader(Protocol):
     def read_kv_into(self, out: torch.Tensor, start: int, stop: int) -> None:
         """Read K/V rows [start, stop) into the contiguous tensor ``out``, without an intermediate copy."""
 
-
     def read_token_ids(self, start: int, stop: int) -> torch.Tensor: ...
 
     def close(self) -> None: ...
