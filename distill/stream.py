@@ -7,18 +7,22 @@ batches in flight.
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from extract.store import KVStore
-from extract.store.shards import empty_rows, torch_dtype
+from extract.store.shards import torch_dtype
 
+# Batches read ahead of the training step when reading in the background.
+PREFETCH_BATCHES = 4
 
 @dataclass
 class KVBatch:
@@ -61,6 +65,12 @@ class KVSampleDataset(Dataset):
         self.store = store
         self.sample_ids = list(sample_ids)
         self.with_kv = with_kv
+        self._buffers = BufferPool(PREFETCH_BATCHES + 2)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_buffers"] = BufferPool(self._buffers.capacity)  # DataLoader workers start with an empty pool
+        return state
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -92,11 +102,15 @@ class KVSampleDataset(Dataset):
         asynchronous copy to a GPU.
         """
         sample_ids = [self.sample_ids[i] for i in indices]
+        if self.with_kv:
+            # The disk fetches the later samples while the first ones are copied.
+            for sample_id in sample_ids:
+                self.store.prefetch_kv(sample_id)
         tokens = [self.store.read_token_ids(sample_id) for sample_id in sample_ids]
         longest = max(t.shape[0] for t in tokens)
         input_ids = torch.zeros((len(tokens), longest), dtype=torch.long)
         mask = torch.zeros((len(tokens), longest), dtype=torch.bool)
-        kv = _batch_tensor((len(tokens), longest, *self._row_shape()), self._kv_dtype(), pin_memory)
+        kv = self._batch_tensor((len(tokens), longest, *self._row_shape()), pin_memory)
         for i, (sample_id, ids) in enumerate(zip(sample_ids, tokens)):
             length = ids.shape[0]
             input_ids[i, :length] = ids
@@ -107,23 +121,73 @@ class KVSampleDataset(Dataset):
         batch = KVBatch(torch.tensor(sample_ids, dtype=torch.long), input_ids, mask, kv)
         return batch.pin_memory() if pin_memory else batch
 
+    def _batch_tensor(self, shape: tuple[int, ...], pin_memory: bool) -> torch.Tensor:
+        """Return an uninitialised tensor for a batch's K/V.
 
-def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:
-    """Allocate an uninitialised tensor for a batch's K/V.
+        With ``pin_memory`` it is page-locked (torch caches and reuses such blocks). In
+        a DataLoader worker process it lives in shared memory, so passing it to the
+        training process copies nothing. Otherwise it comes from the buffer pool.
+        """
+        dtype = self._kv_dtype()
+        if pin_memory:
+            return torch.empty(shape, dtype=dtype, pin_memory=True)
+        if get_worker_info() is None:
+            return self._buffers.tensor(shape, dtype)
+        numel = 1
+        for size in shape:
+            numel *= size
+        storage = torch.UntypedStorage._new_shared(numel * torch.empty((), dtype=dtype).element_size())
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
-    With ``pin_memory`` it is page-locked. In a DataLoader worker process it lives in
-    shared memory, so passing it to the training process copies nothing. Otherwise it
-    comes from ``empty_rows``, which gets transparent huge pages.
+
+class BufferPool:
+    """Batch buffers, reused once nothing refers to the batch they last held.
+
+    A newly allocated buffer costs the kernel a page fault and a zero-fill per page:
+    about a third of the time of a cold batch read on a 2-core KVM machine, even with
+    huge pages. A buffer counts as free only when the pool holds the last reference to
+    it, so a batch that a caller keeps (``list(loader)``) is never overwritten. Used by
+    one thread at a time.
     """
-    if pin_memory:
-        return torch.empty(shape, dtype=dtype, pin_memory=True)
-    if get_worker_info() is None:
-        return empty_rows(shape, dtype)
-    numel = 1
-    for size in shape:
-        numel *= size
-    storage = torch.UntypedStorage._new_shared(numel * torch.empty((), dtype=dtype).element_size())
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._buffers: list[np.ndarray] = []
+        self._idle_references: list[int] = []
+
+    def _references(self, position: int) -> int:
+        return sys.getrefcount(self._buffers[position])
+
+    def _is_free(self, position: int) -> bool:
+        # Compared with the count taken by the same call path when nothing else referred to the buffer.
+        return self._references(position) == self._idle_references[position]
+
+    def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Return an uninitialised tensor of ``shape`` and ``dtype`` in a free pooled buffer (or a new one)."""
+        numel = 1
+        for size in shape:
+            numel *= size
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        buffer = self._take(nbytes)
+        return torch.from_numpy(buffer[:nbytes]).view(dtype).view(shape)
+
+    def _take(self, nbytes: int) -> np.ndarray:
+        free = [i for i in range(len(self._buffers)) if self._is_free(i)]
+        fitting = [i for i in free if self._buffers[i].nbytes >= nbytes]
+        if fitting:
+            return self._buffers[min(fitting, key=lambda i: self._buffers[i].nbytes)]
+        if len(self._buffers) >= self.capacity:
+            if not free:
+                return np.empty(nbytes, dtype=np.uint8)  # every pooled buffer is in use
+            smallest = min(free, key=lambda i: self._buffers[i].nbytes)
+            del self._buffers[smallest], self._idle_references[smallest]
+        # numpy requests transparent huge pages for large arrays, see extract.store.shards.empty_rows.
+        self._buffers.append(np.empty(nbytes, dtype=np.uint8))
+        self._idle_references.append(0)
+        self._idle_references[-1] = self._references(len(self._buffers) - 1)
+        return self._buffers[-1]
 
 
 class PrefetchLoader:
@@ -219,10 +283,6 @@ class StepBatchSampler(Sampler[list[int]]):
                 batch.append(order[offset])
                 offset += 1
             yield batch
-
-
-# Batches read ahead of the training step when reading in the background.
-PREFETCH_BATCHES = 4
 
 
 def training_loader(

@@ -10,7 +10,7 @@ import torch
 import zarr
 
 from conftest import extract_small_store
-from distill.stream import KVSampleDataset, collate_samples, training_loader
+from distill.stream import BufferPool, KVSampleDataset, collate_samples, training_loader
 from extract.errors import StoreError
 from extract.store import open_store
 from extract.store.shards import ShardContents, _write_zarr
@@ -114,3 +114,21 @@ def test_read_ahead_stops_early_cleanly(small_store: Path) -> None:
     iterator.close()  # what a training loop that stops early does
 
     assert first.sample_ids.shape == (2,)
+
+
+def test_buffer_pool_reuses_only_free_buffers() -> None:
+    pool = BufferPool(capacity=2)
+    first = pool.tensor((4, 1000), torch.float32)
+    first_address = first.data_ptr()
+    view = first[1:3]
+    del first
+
+    second = pool.tensor((4, 1000), torch.float32)
+    assert second.data_ptr() != first_address, "a buffer still referenced through a view must not be reused"
+
+    del view
+    third = pool.tensor((2, 1000), torch.float32)
+    assert third.data_ptr() == first_address, "a buffer nothing refers to any more is reused"
+
+    fourth = pool.tensor((4, 1000), torch.float32)
+    assert fourth.data_ptr() not in (second.data_ptr(), third.data_ptr()), "a full pool allocates outside it"

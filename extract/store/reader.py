@@ -121,6 +121,11 @@ class KVStore:
         ref = self.samples[sample_id]
         self._handle(ref.shard).read_kv_into(out, ref.start, ref.stop)
 
+    def prefetch_kv(self, sample_id: int) -> None:
+        """Start reading one sample's key/value rows into the page cache, without waiting for the disk."""
+        ref = self.samples[sample_id]
+        self._handle(ref.shard).prefetch_kv(ref.start, ref.stop)
+
     def read_token_ids(self, sample_id: int) -> torch.Tensor:
         ref = self.samples[sample_id]
         return self._handle(ref.shard).read_token_ids(ref.start, ref.stop)

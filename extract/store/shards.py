@@ -112,13 +112,16 @@ class ShardReader(Protocol):
     def read_kv_into(self, out: torch.Tensor, start: int, stop: int) -> None:
         """Read K/V rows [start, stop) into the contiguous tensor ``out``, without an intermediate copy."""
 
+    def prefetch_kv(self, start: int, stop: int) -> None:
+        """Start reading K/V rows [start, stop) from the disk into the page cache, without waiting."""
+
     def read_token_ids(self, start: int, stop: int) -> torch.Tensor: ...
 
     def close(self) -> None: ...
 
 
 def empty_rows(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised CPU tensor for rows read from a shard, in memory allocated by numpy.
+    """Allocate an uninitialised CPU tensor for rows read from a shard, in memory from numpy.
 
     numpy requests transparent huge pages (madvise) for large arrays and torch.empty
     does not. Filling 4 KiB pages one page fault at a time made reads about three
@@ -401,6 +404,12 @@ class SafetensorsShard:
     def read_kv_into(self, out: torch.Tensor, start: int, stop: int) -> None:
         self._read_rows_into("kv", out, start, stop)
 
+    def prefetch_kv(self, start: int, stop: int) -> None:
+        offset, size, shape, _ = self._entries["kv"]
+        if 0 <= start < stop <= shape[0]:
+            row_bytes = size // shape[0]
+            os.posix_fadvise(self._fd, offset + start * row_bytes, (stop - start) * row_bytes, os.POSIX_FADV_WILLNEED)
+
     def read_token_ids(self, start: int, stop: int) -> torch.Tensor:
         return self._read_rows("token_ids", start, stop)
 
@@ -474,6 +483,11 @@ class ZarrShard:
             direct.read_into(out, start, stop)
         else:
             out.copy_(self._read("kv", start, stop))
+
+    def prefetch_kv(self, start: int, stop: int) -> None:
+        direct = self._direct.get("kv")
+        if direct is not None:
+            direct.prefetch(start, stop)
 
     def read_token_ids(self, start: int, stop: int) -> torch.Tensor:
         return self._read("token_ids", start, stop)

@@ -125,6 +125,7 @@ class DirectRowReader:
         if google_crc32c.value(body).to_bytes(4, "little") != stored_crc:
             raise self._fail("shard index checksum does not match; the shard is damaged")
         index = np.frombuffer(body, dtype="<u8").reshape(chunks, 2)
+
         chunk_bytes = layout.rows_per_chunk * layout.row_bytes
         offsets, lengths = index[:, 0], index[:, 1]
         written = ~((offsets == _EMPTY) & (lengths == _EMPTY))
@@ -190,6 +191,14 @@ class DirectRowReader:
                 part[:] = bytes([layout.fill_byte]) * len(part)
             else:
                 self._pread_into(self._fd(file_index), part, offset)
+
+    def prefetch(self, start: int, stop: int) -> None:
+        """Ask the kernel to start reading rows [start, stop) into the page cache (POSIX_FADV_WILLNEED)."""
+        if not 0 <= start < stop <= self._layout.rows:
+            return
+        for file_index, offset, _, count in self._spans(start, stop):
+            if offset is not None:
+                os.posix_fadvise(self._fd(file_index), offset, count * self._layout.row_bytes, os.POSIX_FADV_WILLNEED)
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         out = empty_rows((max(0, stop - start), *self._row_shape), self._dtype)
