@@ -1,4 +1,4 @@
-"""What every benchmark shares: paired measurements, result rows, page-cache control."""
+"""Pieces every benchmark uses: paired measurements, result rows, page-cache control."""
 
 from __future__ import annotations
 
@@ -144,7 +144,7 @@ class BenchContext:
 
 
 def files_under(paths: Iterable[Path]) -> list[Path]:
-    """Every regular file at or below ``paths``, in sorted order."""
+    """Return every regular file at or below ``paths``, in sorted order."""
     found: list[Path] = []
     for path in paths:
         if path.is_file():

@@ -51,7 +51,7 @@ class Fixtures:
         return self._cache["student"]
 
     def extract_options(self, out: Path, samples: int, **overrides: Any) -> ExtractOptions:
-        """Extraction of the first ``samples`` embedded problems with the benchmark teacher, bf16 store."""
+        """Return options to extract the first ``samples`` embedded problems with the benchmark teacher into a bf16 store."""
         options = dict(
             teacher=str(self.teacher_dir()),
             data=embedded_problems_path("train"),
@@ -67,7 +67,7 @@ class Fixtures:
         return ExtractOptions(**options)
 
     def distill_store(self) -> tuple[Path, ExtractResult]:
-        """A store extracted by the benchmark teacher, for the distill benchmarks; (path, extract result)."""
+        """Return (path, extract result) of a store extracted by the benchmark teacher, for the distill benchmarks."""
         if "distill_store" not in self._cache:
             out = self.ctx.workdir / "stores" / "distill"
             if out.exists():
@@ -79,7 +79,7 @@ class Fixtures:
         return self._cache["distill_store"]
 
     def real_shapes_inputs(self) -> tuple[Path, Path]:
-        """A random Qwen2.5-14B-shaped store and a random-initialised Qwen2.5-1.5B-shaped student, for GPU runs."""
+        """Return a random Qwen2.5-14B-shaped store and a random-initialised Qwen2.5-1.5B-shaped student, for GPU runs."""
         if "real_shapes" not in self._cache:
             root = self.ctx.workdir / "real-shapes"
             layout = qwen14b_layout()

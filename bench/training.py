@@ -62,7 +62,7 @@ class StepTimer:
         return float(loss.detach())  # waits for the device, so the step is complete when timed
 
     def seconds_per_step(self, batches: Iterable[KVBatch], warmup: int) -> float:
-        """Mean seconds per step after ``warmup`` untimed steps; waiting for a batch counts."""
+        """Return the mean seconds per step after ``warmup`` untimed steps; waiting for a batch counts."""
         iterator = iter(batches)
         for _ in range(warmup):
             self.step(next(iterator))
@@ -74,7 +74,7 @@ class StepTimer:
         return (time.perf_counter() - started) / steps
 
     def tokens_per_step(self, steps: int, seed: int) -> float:
-        """Mean real tokens per training batch over ``steps`` batches."""
+        """Return the mean real tokens per training batch over ``steps`` batches."""
         total = sum(int(batch.attention_mask.sum()) for batch in self.loader(steps, seed, background=False, with_kv=False))
         return total / steps
 
