@@ -157,7 +157,9 @@ def markdown(
         f"Each figure is a ratio of two sides measured in the same run: the measured side (A) and a reference (B). "
         f"The sides alternate, A B A B ..., for {pairs} pairs, and the table gives the median of the {pairs} paired "
         "ratios with the minimum and maximum in brackets. Throughput ratios are A/B (higher is better); time and "
-        "memory ratios are A/B too (lower is better). A target applies to the median."
+        "memory ratios are A/B too (lower is better). A target applies to the median. On a CPU, torch runs "
+        "with one intra-op thread unless `--threads` says otherwise: with two threads on a machine shared "
+        "with other processes, step times swung by up to 10x, which pairing cannot cancel."
     )
     out += ["", "## Machine and run", ""]
     out += [f"- {name}: {value}" for name, value in facts]

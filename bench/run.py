@@ -50,7 +50,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help=f"Report file [default: {DOCS_PAGE.relative_to(REPO)} for a full run of all benchmarks, else WORKDIR/benchmarks.md].")
     parser.add_argument("--workdir", type=Path, default=REPO / "build" / "bench", help="Scratch directory for models and stores; emptied at start and removed at the end.")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda.")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads [default: 1 with --smoke, else torch's choice].")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads [default: 1 on a CPU, torch's choice with a GPU].")
     parser.add_argument("--profile-dir", type=Path, default=None, help="Profile each benchmark with torch.profiler; write Chrome traces here.")
     args = parser.parse_args(argv)
     unknown = sorted(set(filter(None, args.only.split(","))) - set(BENCHMARKS))
@@ -85,9 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    # Smoke runs default to one thread: their tiny models gain nothing from more, and on a
-    # loaded machine several threads make tiny operators many times slower.
-    threads = args.threads or (1 if args.smoke else None)
+    device = resolve_device(args.device)
+    # CPU runs default to one intra-op thread. With two threads on a 2-core machine that
+    # other processes also use, step times swung by up to 10x between runs (OpenMP
+    # threads waiting for a descheduled partner), which pairing cannot cancel.
+    threads = args.threads or (1 if device.type == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
     selected = [name for name in BENCHMARKS if not args.only or name in args.only.split(",")]
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workdir.exists():
         shutil.rmtree(args.workdir)
     args.workdir.mkdir(parents=True)
-    ctx = BenchContext(smoke=args.smoke, pairs=pairs, workdir=args.workdir, device=resolve_device(args.device))
+    ctx = BenchContext(smoke=args.smoke, pairs=pairs, workdir=args.workdir, device=device)
     fixtures = Fixtures(ctx)
     command = shlex.join(["python", "-m", "bench.run", *argv])
     facts = environment(args.workdir, command)
