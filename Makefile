@@ -25,6 +25,7 @@ TOPK ?= 20
 SWEEP_ARGS ?=
 EVAL_DATA ?= data/gsm8k-mini/heldout.jsonl
 EVAL_ARGS ?=
+BENCH_ARGS ?=
 
 # The embedded problems come with their own held-out file and a shard size that
 # shows sharding on a small store; a DATA= of your own uses --heldout-fraction.
@@ -39,7 +40,7 @@ CONFIG ?= distill/configs/embedded.yaml
 endif
 CONFIG ?= distill/configs/default.yaml
 
-.PHONY: install extract distill demo ablation remedies eval test bench clean help
+.PHONY: install extract distill demo ablation remedies eval test bench bench-smoke clean help
 
 help:
 	@echo "make demo      extract + distill on the embedded default (CPU, a few minutes)"
@@ -49,6 +50,8 @@ help:
 	@echo "make remedies nine anti-collapse and control runs on a store with top-k log-probabilities, into REMEDIES=$(REMEDIES)"
 	@echo "make eval      GSM8K accuracy of RUN=$(RUN) on EVAL_DATA=$(EVAL_DATA)"
 	@echo "make test      run the test suite"
+	@echo "make bench     run every benchmark (about 10 min on 2 CPU cores) and rewrite docs/benchmarks.md"
+	@echo "make bench-smoke  run every benchmark at tiny sizes (check that they run); report in build/"
 	@echo "make clean     remove stores, runs and build outputs (keeps .venv)"
 
 $(STAMP): pyproject.toml requirements.lock
@@ -87,6 +90,12 @@ eval: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+bench-smoke: $(STAMP)
+	$(PY) -m bench.run --smoke --out build/bench-smoke.md $(BENCH_ARGS)
 
 clean:
 	rm -rf stores runs build .pytest_cache

@@ -63,11 +63,16 @@ class DistillConfig:
     batch_size: int = _option(4, "Samples per step.")
     steps: int = _option(1000, "Optimizer steps; the cosine schedule anneals over exactly this many.")
     seed: int = _option(0, "Seed for initialisation, shuffling and dropout.")
-    num_workers: int = _option(1, "DataLoader worker processes reading the store (0 reads in the main process).")
+    num_workers: int = _option(1, "Read training batches ahead in a background thread when 1 or more (0 reads in the training loop).")
     device: str = _option("auto", "auto, cpu, cuda or cuda:N.")
     log_every: int = _option(50, "Log training metrics every N steps.")
     eval_samples: int = _option(256, "Held-out samples used for the final evaluation (0 = all).")
     verify_store: bool = _option(True, "Check every shard's sha256 before training.")
+    online_teacher: str = _option(
+        "",
+        "Teacher (directory, hub id or 'embedded-teacher') run on each batch for the teacher K/V instead of "
+        "reading them from the store; it must be the teacher that wrote the store. Empty: off.",
+    )
     overwrite: bool = _option(False, "Replace an existing output directory.")
     grad_accum: int = _option(1, "Micro-batches of --batch-size accumulated into one optimizer step.")
     checkpoint_every: int = _option(0, "Save a checkpoint every N optimizer steps into OUT/checkpoints (0 = only at the end).")

@@ -23,7 +23,9 @@ the outputs. Features and the config keys that drive them:
   learning-rate schedule still advances) and stops after ``max_nonfinite`` in a row;
 - checkpoints (``checkpoint_every``, ``keep_checkpoints``) and exact resumption
   (``resume``);
-- held-out evaluation with raw cosine, centred cosine and the mean-vector baseline.
+- held-out evaluation with raw cosine, centred cosine and the mean-vector baseline;
+- online-teacher mode (``online_teacher``): the teacher runs on each batch instead of
+  the store's K/V being read (see ``distill.online``).
 
 Outputs in ``out``: ``student/`` (Hugging Face format), ``projector.safetensors``,
 ``metrics.jsonl``, ``config.yaml``, ``curves.png``, ``layers.png``, ``checkpoints/``,
@@ -62,6 +64,7 @@ from distill.config import DistillConfig
 from distill.losses import build_loss
 from distill.monitor import INITIAL_EVAL, MetricsLog
 from distill.objective import DistillObjective
+from distill.online import load_online_teacher
 from distill.plots import save_plots
 from distill.projector import KVDimensionProjector
 from distill.record import build_record
@@ -125,6 +128,7 @@ class DistillRecipe:
         if config.eval_samples:
             self.heldout_ids = self.heldout_ids[: config.eval_samples]
 
+        self.online_teacher = load_online_teacher(config.online_teacher, manifest, self.device)
         # A resumed run loads the student saved in the checkpoint, so its weights match bit for bit.
         student_source = str(checkpoint.path / STUDENT_DIR) if checkpoint else config.student
         self.student, self.tokenizer, self.student_path = load_student(student_source, manifest, self.device)
@@ -170,7 +174,7 @@ class DistillRecipe:
         # The sampler is indexed by micro-batch, so a resumed run reads exactly the
         # batches the uninterrupted run would have read from its step on.
         self.train_loader = training_loader(
-            KVSampleDataset(self.store, self.train_ids),
+            KVSampleDataset(self.store, self.train_ids, with_kv=self.online_teacher is None),
             batch_size=config.batch_size,
             steps=config.steps * config.grad_accum,
             seed=config.seed,
@@ -273,7 +277,7 @@ class DistillRecipe:
     def _projected_teacher(self, batch: KVBatch) -> torch.Tensor:
         """Projected teacher K/V, [batch, 2 * student_layers, tokens, width] (keys first)."""
         with self.autocast:
-            teacher_k, teacher_v = batch.teacher_vectors()
+            teacher_k, teacher_v = self.online_teacher.vectors(batch) if self.online_teacher else batch.teacher_vectors()
             projected_k, projected_v = self.projector.project_teacher_kv(TEACHER_KEY, teacher_k, teacher_v)
         return torch.cat([projected_k, projected_v], dim=1).float()
 
@@ -389,7 +393,9 @@ class DistillRecipe:
         self.student.eval()
         self.projector.eval()
         meter = AlignmentMeter(seed=self.config.seed, layer_names=kv_layer_names(self.student_layers))
-        loader = evaluation_loader(KVSampleDataset(self.store, self.heldout_ids), batch_size=self.config.batch_size)
+        loader = evaluation_loader(
+            KVSampleDataset(self.store, self.heldout_ids, with_kv=self.online_teacher is None), batch_size=self.config.batch_size
+        )
         for add in (meter.add_means, meter.add):
             for batch in loader:
                 batch = batch.to(self.device)

@@ -42,6 +42,18 @@ def stacked_kv(cache: Any, layers: Sequence[int]) -> torch.Tensor:
     return stacked.permute(2, 4, 0, 1, 3, 5)
 
 
+def teacher_kv(
+    base: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, layers: Sequence[int]
+) -> torch.Tensor:
+    """Run a teacher's base model with the cache on; return the selected layers as ``stacked_kv`` does.
+
+    Extraction and the online-teacher mode of distill both call this, so the two see the
+    same K/V for the same right-padded batch. Padding rows of the result are not zeroed.
+    """
+    output = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+    return stacked_kv(output_cache(output), layers)
+
+
 def kv_vectors(cache: Any, num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Return keys and values as per-layer row vectors [batch, layers, tokens, kv_heads * head_dim].
 

@@ -94,6 +94,8 @@ class ExtractResult:
     tokens: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
+    # From the first teacher batch until the last shard is written (model loading excluded).
+    loop_seconds: float = 0.0
     shards_resumed: int = 0
     truncated: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
@@ -217,8 +219,13 @@ def _check_disk(out: Path, planned_bytes: int, force: bool) -> None:
         )
 
 
-def run_extract(opts: ExtractOptions) -> ExtractResult:
-    """Run the extract stage end to end; resume a store left by an interrupted run of the same configuration."""
+def run_extract(opts: ExtractOptions, *, teacher_model: Any = None) -> ExtractResult:
+    """Run the extract stage end to end; resume a store left by an interrupted run of the same configuration.
+
+    ``teacher_model`` is a teacher already loaded on the device, used instead of loading
+    ``opts.teacher``, which still provides the config and tokenizer (the benchmarks
+    pass random-initialised real-size models this way).
+    """
     started = time.perf_counter()
     if opts.backend not in ("safetensors", "zarr"):
         raise UserError(f"--format {opts.backend!r} is not supported; choose safetensors or zarr")
@@ -263,7 +270,7 @@ def run_extract(opts: ExtractOptions) -> ExtractResult:
         skipped[f"longer than --max-length {opts.max_length}"] = token_stats.skipped_long
     result = ExtractResult(manifest=requested, store=opts.out, truncated=token_stats.truncated, skipped=skipped)
     if not opts.write_store:
-        _run_teacher(opts, teacher_path, device, compute_dtype, layout, shards, None, result)
+        _run_teacher(opts, teacher_path, device, compute_dtype, layout, shards, None, result, teacher_model)
         result.seconds = time.perf_counter() - started
         return result
 
@@ -276,7 +283,7 @@ def run_extract(opts: ExtractOptions) -> ExtractResult:
         if result.shards_resumed:
             logger.info("resuming: %d of %d shards already complete", result.shards_resumed, len(shards))
         if remaining:
-            _run_teacher(opts, teacher_path, device, compute_dtype, layout, remaining, writer, result)
+            _run_teacher(opts, teacher_path, device, compute_dtype, layout, remaining, writer, result, teacher_model)
         result.manifest = writer.finish()
     result.seconds = time.perf_counter() - started
     return result
@@ -291,14 +298,16 @@ def _run_teacher(
     shards: list[ShardPlan],
     writer: StoreWriter | None,
     result: ExtractResult,
+    model: Any = None,
 ) -> None:
-    model = load_causal_lm(
-        teacher_path,
-        dtype=compute_dtype,
-        device=device,
-        attn_implementation=opts.attn_implementation,
-        trust_remote_code=opts.trust_remote_code,
-    )
+    if model is None:
+        model = load_causal_lm(
+            teacher_path,
+            dtype=compute_dtype,
+            device=device,
+            attn_implementation=opts.attn_implementation,
+            trust_remote_code=opts.trust_remote_code,
+        )
     model.eval()
     # The base model returns the cache without the LM head: [tokens, vocab] logits would
     # cost far more memory than the cache itself on a 150k-token vocabulary. With
@@ -330,6 +339,9 @@ def _run_teacher(
         if thread:
             thread.close()
             result.bytes_written = thread.bytes_written
+        elif device.type == "cuda":
+            torch.cuda.synchronize(device)
+        result.loop_seconds = time.perf_counter() - begin
     except BaseException:
         if thread and thread.is_alive():
             try:

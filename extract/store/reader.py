@@ -117,6 +117,16 @@ class KVStore:
         ref = self.samples[sample_id]
         return self._handle(ref.shard).read_kv(ref.start, ref.stop)
 
+    def read_kv_into(self, sample_id: int, out: torch.Tensor) -> None:
+        """Read one sample's key/value rows into ``out``, a contiguous [tokens, layers, 2, kv_heads, head_dim] tensor."""
+        ref = self.samples[sample_id]
+        self._handle(ref.shard).read_kv_into(out, ref.start, ref.stop)
+
+    def prefetch_kv(self, sample_id: int) -> None:
+        """Start reading one sample's key/value rows into the page cache, without waiting for the disk."""
+        ref = self.samples[sample_id]
+        self._handle(ref.shard).prefetch_kv(ref.start, ref.stop)
+
     def read_token_ids(self, sample_id: int) -> torch.Tensor:
         ref = self.samples[sample_id]
         return self._handle(ref.shard).read_token_ids(ref.start, ref.stop)
