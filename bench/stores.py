@@ -88,6 +88,7 @@ def random_store(
                 sample_rows=torch.tensor(list(sample_ids), dtype=torch.int64),
                 sample_sources=torch.zeros(len(shard_lengths), dtype=torch.uint8),
                 sample_splits=torch.tensor([SPLITS.index("heldout") if i % 10 == 9 else 0 for i in sample_ids], dtype=torch.uint8),
+                sample_answer_starts=torch.zeros(len(shard_lengths), dtype=torch.int64),
             )
         )
         first_sample += len(shard_lengths)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import logging
 import os
 import re
@@ -205,10 +206,23 @@ def _count(obj: dict[str, Any], key: str, where: str, upper: int = 2**62) -> int
     return value
 
 
+def _check_finite_numbers(value: Any, where: str) -> None:
+    """Raise ``StoreError`` on NaN or Infinity anywhere in ``value``: Python's json module accepts both, JSON does not."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise StoreError(f"invalid manifest: field '{where}' is {value}, which is not a JSON number")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite_numbers(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for position, item in enumerate(value):
+            _check_finite_numbers(item, f"{where}[{position}]")
+
+
 def parse_manifest(obj: Any) -> Manifest:
     """Validate a decoded manifest and build a ``Manifest``; raise ``StoreError`` on any fault."""
     if not isinstance(obj, dict):
         raise StoreError("invalid manifest: top level must be a JSON object")
+    _check_finite_numbers(obj, "")
     if obj.get("format") != FORMAT_NAME:
         raise StoreError(f"invalid manifest: 'format' is {obj.get('format')!r}, expected {FORMAT_NAME!r}")
     version = _require(obj, "format_version", int, "")
