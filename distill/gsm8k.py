@@ -111,13 +111,19 @@ def read_problems(path: Path, limit: int | None = None) -> list[Problem]:
     has no ``#### N`` in its answer, and ``UserError`` for a missing or empty file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"data path {path} is a directory; pass a GSM8K JSONL file")
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
     problems: list[Problem] = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
             if limit is not None and len(problems) >= limit:
                 break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path} line {line_number}: not valid UTF-8 (byte {exc.start}); re-encode the file as UTF-8") from None
             if not line.strip():
                 continue
             problems.append(_parse_problem(line, len(problems), f"{path} line {line_number}"))

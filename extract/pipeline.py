@@ -129,6 +129,11 @@ def _read_samples(opts: ExtractOptions, tokenizer: Any) -> tuple[list, list[dict
     paths = [opts.data]
     if opts.heldout is not None:
         sources.append({"path": str(opts.heldout), "sha256": file_sha256(opts.heldout) if opts.heldout.is_file() else "", "split": "heldout"})
+        if sources[1]["sha256"] and sources[1]["sha256"] == sources[0]["sha256"]:
+            raise UserError(
+                f"--heldout {opts.heldout} has the same content as --data {opts.data}, so held-out figures would "
+                "measure training samples; pass a separate held-out file, or omit --heldout to split --data"
+            )
         rows += read_jsonl(opts.heldout, source=1, split="heldout", **common)
         paths.append(opts.heldout)
     rows = drop_duplicates(rows, paths, on_bad_row=opts.on_bad_row, stats=stats)

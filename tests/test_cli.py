@@ -391,3 +391,14 @@ def test_negative_steps(small_store, tmp_path):
     result = cli(*distill_args(small_store, tmp_path / "run", "--steps", "-5"))
     assert_user_error(result, "--steps -5 must be at least 1")
     assert not (tmp_path / "run").exists()
+
+
+def test_extract_rejects_heldout_equal_to_data(small_data, tmp_path):
+    result = run_cli(
+        "extract", "--data", str(small_data[0]), "--heldout", str(small_data[0]),
+        "--out", str(tmp_path / "store"), "--device", "cpu", "--no-progress",
+    )
+    assert result.returncode == 2
+    assert "has the same content as --data" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "store" / "manifest.json").exists()

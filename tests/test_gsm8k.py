@@ -205,3 +205,15 @@ def test_real_gsm8k_golds_parse(real_gsm8k):
     problems = read_problems(real_gsm8k)
     assert len(problems) == 1319
     assert problems[0].gold == Decimal(18)
+
+
+def test_read_problems_rejects_non_utf8(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"question": "Q?", "answer": "#### 1"}\n{"question": "\xff", "answer": "#### 2"}\n')
+    with pytest.raises(DataError, match=r"line 2: not valid UTF-8"):
+        read_problems(path)
+
+
+def test_read_problems_rejects_directory(tmp_path):
+    with pytest.raises(UserError, match="is a directory"):
+        read_problems(tmp_path)
