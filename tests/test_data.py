@@ -84,8 +84,8 @@ def test_text_row_is_verbatim():
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ({"question": "Q?"}, "fields 'question' and 'answer' must both be strings"),
-        ({"question": "Q?", "answer": 7}, "fields 'question' and 'answer' must both be strings"),
+        ({"question": "Q?"}, "field 'answer' is missing"),
+        ({"question": "Q?", "answer": 7}, "field 'answer' must be a string, got int"),
         ({"question": " ", "answer": "A"}, "field 'question' is empty"),
         ({"question": "Q?", "answer": ""}, "field 'answer' is empty"),
         ({"text": ["a"]}, "field 'text' must be a string"),

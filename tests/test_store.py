@@ -514,7 +514,7 @@ def test_verify_nan_value(tmp_path):
     writer.finish()
 
     report = verify_store(tmp_path / "store")
-    assert report.problems == ["shard shards/00000.zarr: sample 1 (input row 0) contains NaN or Inf values"]
+    assert report.problems == ["shard shards/00000.zarr: sample 1 (input source 0 row 0) contains NaN or Inf values"]
 
 
 def test_verify_cli_fails_on_damage(small_store, copy_store):
