@@ -86,7 +86,7 @@ def _writer_for_first_shard(source: Path, target: Path) -> tuple[StoreWriter, Sh
     with open_store(source) as store:
         refs = [ref for ref in store.samples if ref.shard == 0]
         samples = tuple(
-            TokenizedSample(ref.source, ref.row, ref.split, tuple(store.read_token_ids(i).tolist()))
+            TokenizedSample(ref.source, ref.row, ref.split, tuple(store.read_token_ids(i).tolist()), ref.answer_start)
             for i, ref in enumerate(store.samples)
             if ref.shard == 0
         )
