@@ -153,20 +153,25 @@ class DistillConfig:
         return changes
 
 
+def read_yaml_mapping(path: Path, description: str, shape: str = "a YAML mapping") -> dict[str, Any]:
+    """Read a YAML file that must contain a mapping; raise ``UserError`` naming ``description`` otherwise."""
+    if not path.is_file():
+        raise UserError(f"{description} not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"{description} {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"{description} {path} must be {shape}")
+    return loaded
+
+
 def load_config(path: str | Path | None, overrides: dict[str, Any]) -> DistillConfig:
     """Build a config from an optional YAML file, then apply command-line overrides."""
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(loaded, dict):
-            raise UserError(f"config file {path} must be a mapping of option names to values")
-        values.update(loaded)
+        values.update(read_yaml_mapping(path, "config file", "a mapping of option names to values"))
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name: f for f in dataclasses.fields(DistillConfig)}
     unknown = sorted(set(values) - set(known))

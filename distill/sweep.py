@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from distill.alignment import alignment_label, collapse_warning
-from distill.config import DistillConfig, load_config
+from distill.config import DistillConfig, load_config, read_yaml_mapping
 from distill.eval import write_text_atomic
 from extract.errors import UserError
 
@@ -84,22 +84,10 @@ class Grid:
     varied_keys: set[str] = field(default_factory=set)
 
 
-def _read_mapping(path: Path, description: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"{description} not found: {path}")
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"{description} {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(loaded, dict):
-        raise UserError(f"{description} {path} must be a YAML mapping")
-    return loaded
-
-
 def load_grid(path: Path) -> Grid:
     """Parse a grid file into its base and its runs; raise ``UserError`` on any malformed part."""
     path = Path(path)
-    grid = _read_mapping(path, "grid file")
+    grid = read_yaml_mapping(path, "grid file")
     unknown = sorted(set(grid) - set(GRID_KEYS))
     if unknown:
         raise UserError(f"grid file {path} has unknown keys {unknown}; valid keys: {', '.join(GRID_KEYS)}")
@@ -178,7 +166,7 @@ def resolve_configs(grid: Grid, out_dir: Path, options: dict[str, Any]) -> list[
     if clashing:
         flags = ", ".join("--" + key.replace("_", "-") for key in clashing)
         raise UserError(f"{flags} would override a value that grid {grid.path} varies between runs; drop the option")
-    base_file_values = _read_mapping(grid.base_file, "base config file") if grid.base_file else {}
+    base_file_values = read_yaml_mapping(grid.base_file, "base config file") if grid.base_file else {}
 
     resolved = []
     for run in grid.runs:
